@@ -1,0 +1,311 @@
+//! The virtio surface of the device: features, config space, activation, notifications, reset.
+//!
+//! A transport owns the virtio registers and the queue configuration; on DRIVER_OK it calls
+//! [`Vrdma::activate`] with the guest memory, the configured queues and an [`Interrupt`]. Every
+//! later driver notification is forwarded to [`Vrdma::queue_notify`], which does the work in the
+//! caller's thread (a vCPU thread on an MMIO exit, or an event-loop thread on an ioeventfd).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::ByteValued;
+use vrdma_abi as abi;
+
+use crate::error::{ActivateError, DeviceError};
+use crate::interrupt::Interrupt;
+use crate::soft::{Port, SoftFabric};
+use crate::{state::State, GuestMemoryMmap};
+
+/// Limits and identity of one device. Every limit bounds host memory a guest can make the
+/// device allocate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// The port's GID (index 0 of the GID table); the device's address on the fabric.
+    pub gid: abi::Gid,
+    /// Node GUID.
+    pub node_guid: u64,
+    /// Maximum QPs.
+    pub max_qp: u32,
+    /// Maximum WRs per send or receive queue.
+    pub max_qp_wr: u32,
+    /// Maximum SGEs per WR.
+    pub max_sge: u32,
+    /// Maximum inline bytes.
+    pub max_inline: u32,
+    /// Maximum CQs.
+    pub max_cq: u32,
+    /// Maximum CQEs per CQ.
+    pub max_cqe: u32,
+    /// Maximum MRs.
+    pub max_mr: u32,
+    /// Maximum PDs.
+    pub max_pd: u32,
+    /// Maximum AHs.
+    pub max_ah: u32,
+    /// Maximum outstanding READ/atomics per QP.
+    pub max_qp_rd_atom: u32,
+    /// Maximum pages of one MR.
+    pub max_mr_pages: u32,
+    /// Maximum pages of one ring.
+    pub max_ring_pages: u32,
+    /// Maximum bytes of one MR.
+    pub max_mr_size: u64,
+    /// Maximum MR pages over all MRs.
+    pub max_total_mr_pages: u64,
+}
+
+impl DeviceConfig {
+    /// Default limits with the given GID.
+    pub fn with_gid(gid: abi::Gid) -> Self {
+        Self {
+            gid,
+            node_guid: u64::from_be_bytes(gid.raw[8..16].try_into().unwrap_or([0; 8])),
+            max_qp: 16383,
+            max_qp_wr: 4096,
+            max_sge: 30,
+            max_inline: 512,
+            max_cq: 16383,
+            max_cqe: 65536,
+            max_mr: 65535,
+            max_pd: 4095,
+            max_ah: 16383,
+            max_qp_rd_atom: 16,
+            max_mr_pages: 1 << 20,
+            max_ring_pages: 2048,
+            max_mr_size: 1 << 32,
+            max_total_mr_pages: 1 << 22,
+        }
+    }
+
+    /// A GID for a device on the soft fabric: IPv4-mapped `10.0.0.<n>` style, from a small id.
+    pub fn gid_for_id(id: u32) -> abi::Gid {
+        let mut raw = [0u8; 16];
+        raw[10] = 0xff;
+        raw[11] = 0xff;
+        raw[12] = 10;
+        raw[13..16].copy_from_slice(&id.to_be_bytes()[1..4]);
+        abi::Gid { raw }
+    }
+
+    fn validate(&self) -> Result<(), DeviceError> {
+        let check = |ok: bool, what: &'static str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(DeviceError::InvalidConfig(what))
+            }
+        };
+        // Handles carry a 24-bit index at most (QPNs are 24 bits with an 8-bit key byte).
+        check((1..=0xffff).contains(&self.max_qp), "max_qp must be 1..=65535")?;
+        check((1..=0xffff).contains(&self.max_cq), "max_cq must be 1..=65535")?;
+        check((1..=0xff_ffff).contains(&self.max_mr), "max_mr")?;
+        check((1..=0xff_ffff).contains(&self.max_pd), "max_pd")?;
+        check((1..=0xff_ffff).contains(&self.max_ah), "max_ah")?;
+        check(self.max_qp_wr.is_power_of_two() && self.max_qp_wr <= 1 << 15, "max_qp_wr")?;
+        check(self.max_cqe.is_power_of_two() && self.max_cqe <= 1 << 22, "max_cqe")?;
+        check((1..=255).contains(&self.max_sge), "max_sge")?;
+        check(self.max_inline <= abi::MAX_STRIDE - abi::SEND_WQE_HDR, "max_inline")?;
+        check((1..=255).contains(&self.max_qp_rd_atom), "max_qp_rd_atom")?;
+        check(self.max_mr_pages >= 1, "max_mr_pages")?;
+        check((1..=1 << 16).contains(&self.max_ring_pages), "max_ring_pages")?;
+        Ok(())
+    }
+
+    /// The config space this configuration presents.
+    pub fn config_space(&self) -> abi::VrdmaConfig {
+        abi::VrdmaConfig {
+            abi_version: abi::ABI_VERSION,
+            phys_port_cnt: 1,
+            max_qp: self.max_qp,
+            max_qp_wr: self.max_qp_wr,
+            max_sge: self.max_sge,
+            max_inline: self.max_inline,
+            max_cq: self.max_cq,
+            max_cqe: self.max_cqe,
+            max_mr: self.max_mr,
+            max_pd: self.max_pd,
+            max_ah: self.max_ah,
+            max_qp_rd_atom: self.max_qp_rd_atom,
+            gid_tbl_len: 1,
+            max_mr_pages: self.max_mr_pages,
+            max_ring_pages: self.max_ring_pages,
+            doorbell_area_size: abi::doorbell_area_size(self.max_qp, self.max_cq) as u32,
+            max_mr_size: self.max_mr_size,
+            // 4 KiB to 1 GiB pages.
+            page_size_cap: (12..=30).fold(0u64, |m, s| m | (1 << s)),
+            node_guid: self.node_guid,
+            max_total_mr_pages: self.max_total_mr_pages,
+        }
+    }
+}
+
+/// Features the device offers.
+pub const AVAIL_FEATURES: u64 = abi::VIRTIO_F_VERSION_1
+    | abi::VRDMA_F_UD
+    | abi::VRDMA_F_ATOMICS
+    | abi::VRDMA_F_DB_SUPPRESSION
+    | abi::VRDMA_F_INTR_MODERATION;
+
+/// A vrdma device.
+pub struct Vrdma {
+    cfg: DeviceConfig,
+    config_space: abi::VrdmaConfig,
+    port: Arc<Port>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Vrdma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vrdma").field("gid", &self.cfg.gid).finish()
+    }
+}
+
+impl Vrdma {
+    /// Creates a device and attaches it to the soft fabric under `cfg.gid`.
+    pub fn new(cfg: DeviceConfig, fabric: &Arc<SoftFabric>) -> Result<Arc<Self>, DeviceError> {
+        cfg.validate()?;
+        let config_space = cfg.config_space();
+        let dev = Arc::new_cyclic(|weak| {
+            let port = Port::new(fabric.clone(), cfg.gid, weak.clone());
+            Vrdma {
+                config_space,
+                state: Mutex::new(State::new(cfg.clone(), port.clone())),
+                cfg,
+                port,
+            }
+        });
+        fabric
+            .attach(dev.port.clone())
+            .map_err(|e| DeviceError::Fabric(e.to_string()))?;
+        Ok(dev)
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.cfg
+    }
+
+    /// Virtio device type (42).
+    pub fn device_type(&self) -> u32 {
+        abi::VIRTIO_ID_RDMA
+    }
+
+    /// Features offered to the driver.
+    pub fn avail_features(&self) -> u64 {
+        AVAIL_FEATURES
+    }
+
+    /// Records the features the driver accepted; unknown bits are dropped.
+    pub fn ack_features(&self, features: u64) {
+        self.lock().acked_features = features & AVAIL_FEATURES;
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.lock().acked_features
+    }
+
+    /// Maximum size of each queue (index = queue index).
+    pub fn queue_max_sizes(&self) -> [u16; abi::NUM_QUEUES] {
+        [abi::QUEUE_MAX_SIZE; abi::NUM_QUEUES]
+    }
+
+    /// Reads the config space. Bytes past its end read as zero; the read never fails.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let bytes = self.config_space.as_slice();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| bytes.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    /// Writes to the config space are ignored: it is read-only.
+    pub fn write_config(&self, offset: u64, data: &[u8]) {
+        tracing::debug!(offset, len = data.len(), "ignored write to read-only config space");
+    }
+
+    /// Activates the device (the driver set DRIVER_OK).
+    pub fn activate(
+        &self,
+        mem: Arc<GuestMemoryMmap>,
+        queues: Vec<Queue>,
+        irq: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError> {
+        let mut st = self.lock();
+        if st.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if st.acked_features & abi::VIRTIO_F_VERSION_1 == 0 {
+            return Err(ActivateError::NoVersion1);
+        }
+        if queues.len() != abi::NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: abi::NUM_QUEUES,
+                got: queues.len(),
+            });
+        }
+        for (i, q) in queues.iter().enumerate() {
+            if !q.is_valid(mem.as_ref()) {
+                return Err(ActivateError::InvalidQueue(i));
+            }
+        }
+        st.activate(mem, queues, irq);
+        Ok(())
+    }
+
+    /// Whether the device is active.
+    pub fn is_active(&self) -> bool {
+        self.lock().active.is_some()
+    }
+
+    /// The driver notified queue `index`. The control queue executes pending commands; the
+    /// event queue is also the doorbell: the device takes new event buffers and scans the
+    /// doorbell area. Unknown indices are ignored.
+    pub fn queue_notify(&self, index: u16) {
+        let work = {
+            let mut st = self.lock();
+            match index {
+                abi::CTRLQ => st.process_ctrlq(),
+                abi::EVENTQ => st.process_doorbells(),
+                _ => tracing::debug!(index, "notification for unknown queue"),
+            }
+            st.take_fabric_work()
+        };
+        self.port.fabric().run(work);
+    }
+
+    /// Resets the device: every outstanding work request is flushed to its CQ (so none is
+    /// lost), every resource is destroyed and the device returns to its initial state. No
+    /// interrupt is raised.
+    pub fn reset(&self) {
+        let work = {
+            let mut st = self.lock();
+            st.reset();
+            st.take_fabric_work()
+        };
+        self.port.fabric().run(work);
+    }
+
+    /// Handles packets queued for this device and timers that expired. Called by the fabric.
+    pub(crate) fn process_fabric(&self, now: std::time::Instant) -> crate::soft::Work {
+        let mut st = self.lock();
+        st.process_inbound(&self.port, now);
+        st.take_fabric_work()
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means a panic in device code, which is a bug; keep serving the guest
+        // with the state as it is rather than propagating the panic into the VMM.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Vrdma {
+    fn drop(&mut self) {
+        self.port.fabric().detach(&self.port);
+    }
+}

@@ -1,0 +1,30 @@
+//! vrdma device model: a paravirtual RDMA device (virtio device ID 42) for rust-vmm VMMs.
+//!
+//! The crate is transport-agnostic and knows nothing of KVM. A transport (virtio-mmio or
+//! virtio-pci, see `vrdma-glue`) forwards feature negotiation, config-space reads, queue setup and
+//! queue notifications to a [`Vrdma`] device; the device raises interrupts through the small
+//! [`Interrupt`] trait.
+//!
+//! The guest ABI (control queue, doorbell area, rings in guest memory) is specified in
+//! `docs/abi.md` and encoded in the `vrdma-abi` crate. Every value a guest writes is treated as
+//! hostile: it is validated before use, and bad input yields an error status or an error
+//! completion, never a panic or an access outside that guest's memory.
+//!
+//! Verbs are executed by a backend. The embedded default is the soft fabric
+//! ([`soft::SoftFabric`]): devices attached to one fabric exchange RC/UD traffic with InfiniBand
+//! semantics, copying data once, straight from one guest's memory into the other's.
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod error;
+pub mod interrupt;
+pub mod soft;
+mod state;
+
+pub use device::{DeviceConfig, Vrdma};
+pub use error::{ActivateError, DeviceError};
+pub use interrupt::{EventFdInterrupt, Interrupt, InterruptKind};
+
+/// Guest memory as the device sees it: mmap-backed, with a dirty bitmap so that every write the
+/// device makes is visible to a VMM's migration loop.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
