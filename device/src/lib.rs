@@ -10,7 +10,7 @@
 //! hostile: it is validated before use, and bad input yields an error status or an error
 //! completion, never a panic or an access outside that guest's memory.
 //!
-//! Verbs are executed by a backend. The embedded default is the soft fabric
+//! Verbs are executed by a [`backend::Backend`]. The embedded default is the soft fabric
 //! ([`soft::SoftFabric`]): devices attached to one fabric exchange RC/UD traffic with InfiniBand
 //! semantics, copying data once, straight from one guest's memory into the other's.
 #![deny(missing_docs)]
@@ -18,8 +18,14 @@
 pub mod device;
 pub mod error;
 pub mod interrupt;
+pub mod backend;
+mod ctrl;
+pub mod mr;
+pub mod qp;
+pub mod ring;
 pub mod soft;
 mod state;
+pub mod tables;
 
 pub use device::{DeviceConfig, Vrdma};
 pub use error::{ActivateError, DeviceError};

@@ -1,13 +1,27 @@
-//! Device state (placeholder while the device core lands).
+//! Device state: resource tables, the data path (SQ fetch, RQ take, CQE writing, CQ arming),
+//! events and interrupts. The control commands are in `ctrl.rs`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vrdma_abi::{self as abi, QpAttr};
 
+use crate::backend::{Backend, Completion, DeviceOps, QpInfo, RecvWr, SendWr, TakeRecv, UdDest};
 use crate::device::DeviceConfig;
-use crate::interrupt::Interrupt;
+use crate::interrupt::{Interrupt, InterruptKind};
+use crate::mr::{Mr, Seg};
+use crate::ring::Ring;
+use crate::soft::engine::{wc_opcode, SoftBackend};
 use crate::soft::{Port, Work};
+use crate::tables::HandleTable;
 use crate::GuestMemoryMmap;
+
+/// Largest message (2 GiB), as most RDMA devices.
+pub(crate) const MAX_MSG: u64 = 1 << 31;
 
 pub(crate) struct Active {
     pub mem: Arc<GuestMemoryMmap>,
@@ -15,31 +29,823 @@ pub(crate) struct Active {
     pub irq: Arc<dyn Interrupt>,
 }
 
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Pd {
+    pub refs: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Ah {
+    pub pd: u32,
+    pub attr: abi::AhAttr,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Cq {
+    pub ring: Ring,
+    /// Next CQE position (device producer index).
+    pub prod: u32,
+    /// Armed flags (`CQ_ARM_*`), 0 when disarmed.
+    pub armed: u32,
+    /// Sequence of the last arm request seen, if any.
+    pub arm_seq: Option<u32>,
+    /// Producer index just after the last solicited or error CQE.
+    pub sol_pos: Option<u32>,
+    /// The CQ overflowed and accepts no more CQEs.
+    pub overflow: bool,
+    /// QPs using this CQ.
+    pub refs: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Qp {
+    pub qp_type: u8,
+    pub pd: u32,
+    pub send_cq: u32,
+    pub recv_cq: u32,
+    pub sq_sig_all: bool,
+    pub sq: Ring,
+    pub rq: Ring,
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+    pub max_inline: u32,
+    pub attr: QpAttr,
+    /// Next SQ index the device fetches.
+    pub sq_cons: u32,
+    /// Next RQ index the device takes.
+    pub rq_cons: u32,
+    /// Fetching stopped because the backend held a full queue.
+    pub sq_stalled: bool,
+}
+
+impl Qp {
+    pub fn info(&self, qpn: u32) -> QpInfo {
+        let a = &self.attr;
+        QpInfo {
+            qpn,
+            qp_type: self.qp_type,
+            state: a.qp_state,
+            dest_gid: a.ah_attr.dgid,
+            dest_qpn: a.dest_qp_num,
+            qkey: a.qkey,
+            mtu: if self.qp_type == abi::QPT_UD {
+                4096
+            } else {
+                abi::mtu_bytes(a.path_mtu).max(256)
+            },
+            timeout: a.timeout,
+            retry_cnt: a.retry_cnt,
+            rnr_retry: a.rnr_retry,
+            min_rnr_timer: a.min_rnr_timer,
+            max_rd_atomic: a.max_rd_atomic,
+            sq_psn: a.sq_psn,
+            rq_psn: a.rq_psn,
+        }
+    }
+}
+
+/// Interrupt moderation.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Moderation {
+    pub max_events: u32,
+    pub usec: u32,
+    /// Events delivered since the last interrupt.
+    pub pending: u32,
+    pub first_pending: Option<Instant>,
+}
+
+/// Everything the core owns; the backend sees it through [`DeviceOps`].
+pub(crate) struct Core {
+    pub cfg: DeviceConfig,
+    pub mem: Option<Arc<GuestMemoryMmap>>,
+    pub db_gpa: Option<u64>,
+    pub pds: HandleTable<Pd>,
+    pub mrs: HandleTable<Mr>,
+    pub cqs: HandleTable<Cq>,
+    pub qps: HandleTable<Qp>,
+    pub ahs: HandleTable<Ah>,
+    pub total_mr_pages: u64,
+    pub events: VecDeque<abi::Event>,
+    pub events_dropped: u64,
+    pub refetch: Vec<u32>,
+    /// QPs the core wants failed (CQ overflow, ring overrun): done by `State` with the backend.
+    pub pending_fail: Vec<(u32, u32)>,
+    pub moderation: Moderation,
+}
+
 pub(crate) struct State {
     pub acked_features: u64,
     pub active: Option<Active>,
-    #[allow(dead_code)]
-    cfg: DeviceConfig,
-    #[allow(dead_code)]
+    pub core: Core,
+    pub backend: SoftBackend,
     port: Arc<Port>,
-    work: Work,
+}
+
+/// Error status + vendor detail of a malformed WQE.
+type WqeError = (u8, u32);
+
+impl Core {
+    fn new(cfg: DeviceConfig) -> Self {
+        Self {
+            pds: HandleTable::new(cfg.max_pd),
+            mrs: HandleTable::new(cfg.max_mr),
+            cqs: HandleTable::new(cfg.max_cq),
+            qps: HandleTable::new(cfg.max_qp),
+            ahs: HandleTable::new(cfg.max_ah),
+            cfg,
+            mem: None,
+            db_gpa: None,
+            total_mr_pages: 0,
+            events: VecDeque::new(),
+            events_dropped: 0,
+            refetch: Vec::new(),
+            pending_fail: Vec::new(),
+            moderation: Moderation::default(),
+        }
+    }
+
+    pub fn push_event(&mut self, kind: u32, handle: u32, detail: u64) {
+        let cap = (self.cfg.max_cq as usize + self.cfg.max_qp as usize) * 2 + 64;
+        if self.events.len() >= cap {
+            self.events_dropped += 1;
+            return;
+        }
+        self.events.push_back(abi::Event {
+            kind,
+            handle,
+            detail,
+        });
+    }
+
+    /// Resolves an SGE list in the QP's PD. `write` = the device writes into it.
+    fn resolve_sges(
+        &self,
+        pd: u32,
+        sges: &[abi::Sge],
+        write: bool,
+        out: &mut Vec<Seg>,
+    ) -> Result<u64, WqeError> {
+        let mut total = 0u64;
+        for s in sges {
+            let mr = self
+                .mrs
+                .get(s.lkey)
+                .filter(|m| m.pd == pd)
+                .ok_or((abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE))?;
+            if write && mr.access & abi::ACCESS_LOCAL_WRITE == 0 {
+                return Err((abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE));
+            }
+            if !mr.resolve(s.addr, s.length as u64, out) {
+                return Err((abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE));
+            }
+            total += s.length as u64;
+        }
+        if total > MAX_MSG {
+            return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_SGE));
+        }
+        Ok(total)
+    }
+
+    fn read_sges(mem: &GuestMemoryMmap, at: u64, n: usize) -> Option<Vec<abi::Sge>> {
+        (0..n as u64)
+            .map(|i| mem.read_obj::<abi::Sge>(GuestAddress(at + i * abi::SGE_SIZE as u64)).ok())
+            .collect()
+    }
+
+    /// Reads and validates the send WQE at SQ index `idx` of `qp`.
+    fn parse_send(&self, qp: &Qp, idx: u32) -> SendWr {
+        let mem = self.mem.as_ref().expect("active");
+        let slot = qp.sq.slot(idx);
+        let Ok(w) = mem.read_obj::<abi::SendWqe>(GuestAddress(slot)) else {
+            return SendWr {
+                error: Some((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE)),
+                ..Default::default()
+            };
+        };
+        let mut wr = SendWr {
+            wr_id: w.wr_id,
+            opcode: w.opcode,
+            flags: w.flags,
+            signaled: w.flags & abi::SEND_F_SIGNALED != 0 || qp.sq_sig_all,
+            imm: matches!(w.opcode, abi::WR_SEND_WITH_IMM | abi::WR_RDMA_WRITE_WITH_IMM)
+                .then_some(w.imm_data),
+            remote_addr: w.remote_addr,
+            rkey: w.rkey,
+            compare_add: w.compare_add,
+            swap: w.swap,
+            ..Default::default()
+        };
+        if let Err(e) = self.fill_send(qp, slot, &w, &mut wr) {
+            wr.error = Some(e);
+            wr.local.clear();
+            wr.inline = None;
+        }
+        wr
+    }
+
+    fn fill_send(
+        &self,
+        qp: &Qp,
+        slot: u64,
+        w: &abi::SendWqe,
+        wr: &mut SendWr,
+    ) -> Result<(), WqeError> {
+        let mem = self.mem.as_ref().expect("active");
+        let bad = (abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE);
+        let known = abi::SEND_F_FENCE | abi::SEND_F_SIGNALED | abi::SEND_F_SOLICITED | abi::SEND_F_INLINE;
+        if w.flags & !known != 0 {
+            return Err(bad);
+        }
+        let ud = qp.qp_type == abi::QPT_UD;
+        let op_ok = match w.opcode {
+            abi::WR_SEND | abi::WR_SEND_WITH_IMM => true,
+            abi::WR_RDMA_WRITE
+            | abi::WR_RDMA_WRITE_WITH_IMM
+            | abi::WR_RDMA_READ
+            | abi::WR_ATOMIC_CMP_AND_SWP
+            | abi::WR_ATOMIC_FETCH_AND_ADD => !ud,
+            _ => false,
+        };
+        if !op_ok {
+            return Err(bad);
+        }
+        let atomic = matches!(
+            w.opcode,
+            abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD
+        );
+        let scatter = atomic || w.opcode == abi::WR_RDMA_READ;
+        if w.flags & abi::SEND_F_INLINE != 0 {
+            if scatter || w.inline_len > qp.max_inline {
+                return Err(bad);
+            }
+            let mut data = vec![0u8; w.inline_len as usize];
+            mem.read_slice(&mut data, GuestAddress(slot + abi::SEND_WQE_HDR as u64))
+                .map_err(|_| bad)?;
+            wr.len = data.len() as u64;
+            wr.inline = Some(data);
+        } else {
+            if w.num_sge as u32 > qp.max_send_sge {
+                return Err(bad);
+            }
+            let sges = Self::read_sges(mem, slot + abi::SEND_WQE_HDR as u64, w.num_sge as usize)
+                .ok_or(bad)?;
+            wr.len = self.resolve_sges(qp.pd, &sges, scatter, &mut wr.local)?;
+        }
+        if atomic && (wr.len != 8 || w.remote_addr % 8 != 0) {
+            return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_WQE));
+        }
+        if ud {
+            let ah = self
+                .ahs
+                .get(w.ah)
+                .filter(|a| a.pd == qp.pd)
+                .ok_or((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_AH))?;
+            if wr.len > 4096 {
+                return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_WQE));
+            }
+            wr.ud = Some(UdDest {
+                gid: ah.attr.dgid,
+                qpn: w.remote_qpn & 0xff_ffff,
+                qkey: w.compare_add as u32,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes a CQE to `cqn`. Handles overflow and arming.
+    fn push_cqe(&mut self, cqn: u32, qpn: u32, c: &Completion) {
+        let Some(mem) = self.mem.clone() else {
+            return;
+        };
+        let Some(cq) = self.cqs.get_mut(cqn) else {
+            return;
+        };
+        if cq.overflow {
+            return;
+        }
+        let cons = cq.ring.cons(&mem);
+        if cq.prod.wrapping_sub(cons) >= cq.ring.depth {
+            cq.overflow = true;
+            self.push_event(abi::EV_CQ_ERR, cqn, 0);
+            let victims: Vec<u32> = self
+                .qps
+                .iter()
+                .filter(|(_, q)| q.send_cq == cqn || q.recv_cq == cqn)
+                .map(|(h, _)| h)
+                .collect();
+            for q in victims {
+                self.pending_fail.push((q, 0));
+            }
+            return;
+        }
+        let pos = cq.prod;
+        let cqe = abi::Cqe {
+            wr_id: c.wr_id,
+            qpn,
+            byte_len: c.byte_len,
+            imm_data: c.imm.unwrap_or(0),
+            src_qp: c.src_qp,
+            status: c.status,
+            opcode: c.opcode,
+            wc_flags: if c.imm.is_some() { abi::WC_F_WITH_IMM } else { 0 }
+                | if c.grh { abi::WC_F_GRH } else { 0 },
+            vendor_err: c.vendor_err,
+            owner: abi::cqe_owner(pos, cq.ring.depth),
+            ..Default::default()
+        };
+        let slot = cq.ring.slot(pos);
+        let bytes = cqe.as_slice();
+        let _ = mem.write_slice(&bytes[..abi::CQE_OWNER_OFFSET as usize], GuestAddress(slot));
+        let _ = mem.store(
+            cqe.owner,
+            GuestAddress(slot + abi::CQE_OWNER_OFFSET),
+            Ordering::Release,
+        );
+        cq.prod = pos.wrapping_add(1);
+        cq.ring.set_prod(&mem, cq.prod);
+        let sol = c.solicited || c.status != abi::WC_SUCCESS;
+        if sol {
+            cq.sol_pos = Some(cq.prod);
+        }
+        let fire = (cq.armed & abi::CQ_ARM_NEXT != 0) || (cq.armed & abi::CQ_ARM_SOLICITED != 0 && sol);
+        if fire {
+            cq.armed = 0;
+            self.push_event(abi::EV_CQ_COMP, cqn, 0);
+        }
+    }
+
+    /// Handles an arm request for the CQ with table index `index`.
+    fn process_arm(&mut self, index: u32) {
+        let Some(mem) = self.mem.clone() else {
+            return;
+        };
+        let Some((cqn, _)) = self.cqs.by_index(index) else {
+            return;
+        };
+        let Some(cq) = self.cqs.get_mut(cqn) else {
+            return;
+        };
+        let (arm, arm_cons) = cq.ring.arm(&mem);
+        let seq = arm >> 2;
+        let flags = arm & (abi::CQ_ARM_NEXT | abi::CQ_ARM_SOLICITED);
+        if cq.arm_seq == Some(seq) || flags == 0 {
+            return;
+        }
+        cq.arm_seq = Some(seq);
+        let pending = cq.prod.wrapping_sub(arm_cons);
+        let fire = if pending == 0 || pending > cq.ring.depth {
+            false
+        } else if flags & abi::CQ_ARM_NEXT != 0 {
+            true
+        } else {
+            cq.sol_pos
+                .is_some_and(|s| s.wrapping_sub(arm_cons).wrapping_sub(1) < pending)
+        };
+        if fire {
+            cq.armed = 0;
+            self.push_event(abi::EV_CQ_COMP, cqn, 0);
+        } else {
+            cq.armed = flags;
+        }
+    }
+
+    /// Completes the unfetched SQ entries and the posted receives of a QP with flush errors.
+    pub fn flush_rings(&mut self, qpn: u32) {
+        let Some(mem) = self.mem.clone() else {
+            return;
+        };
+        let Some(qp) = self.qps.get_mut(qpn) else {
+            return;
+        };
+        let mut out: Vec<(u32, Completion)> = Vec::new();
+        let sq_prod = qp.sq.prod(&mem);
+        let n = sq_prod.wrapping_sub(qp.sq_cons).min(qp.sq.depth);
+        for _ in 0..n {
+            let slot = qp.sq.slot(qp.sq_cons);
+            let w = mem
+                .read_obj::<abi::SendWqe>(GuestAddress(slot))
+                .unwrap_or_default();
+            out.push((
+                qp.send_cq,
+                Completion {
+                    wr_id: w.wr_id,
+                    status: abi::WC_WR_FLUSH_ERR,
+                    opcode: wc_opcode(w.opcode),
+                    ..Default::default()
+                },
+            ));
+            qp.sq_cons = qp.sq_cons.wrapping_add(1);
+        }
+        qp.sq_cons = sq_prod;
+        qp.sq.set_cons(&mem, qp.sq_cons);
+        let rq_prod = qp.rq.prod(&mem);
+        let n = rq_prod.wrapping_sub(qp.rq_cons).min(qp.rq.depth);
+        for _ in 0..n {
+            let slot = qp.rq.slot(qp.rq_cons);
+            let w = mem
+                .read_obj::<abi::RecvWqe>(GuestAddress(slot))
+                .unwrap_or_default();
+            out.push((
+                qp.recv_cq,
+                Completion {
+                    wr_id: w.wr_id,
+                    status: abi::WC_WR_FLUSH_ERR,
+                    opcode: abi::WC_OP_RECV,
+                    ..Default::default()
+                },
+            ));
+            qp.rq_cons = qp.rq_cons.wrapping_add(1);
+        }
+        qp.rq_cons = rq_prod;
+        qp.rq.set_cons(&mem, qp.rq_cons);
+        for (cq, c) in out {
+            self.push_cqe(cq, qpn, &c);
+        }
+    }
+
+    /// Moves a QP to ERR in the core's view and flushes its rings.
+    fn set_error(&mut self, qpn: u32, vendor_err: u32) {
+        let Some(qp) = self.qps.get_mut(qpn) else {
+            return;
+        };
+        let was = qp.attr.qp_state;
+        qp.attr.qp_state = abi::QPS_ERR;
+        if was != abi::QPS_ERR && was != abi::QPS_RESET {
+            self.push_event(abi::EV_QP_FATAL, qpn, vendor_err as u64);
+        }
+        self.flush_rings(qpn);
+    }
+}
+
+impl DeviceOps for Core {
+    fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        self.mem.as_ref().expect("backend runs only on an active device")
+    }
+
+    fn qp_info(&self, qpn: u32) -> Option<QpInfo> {
+        self.qps.get(qpn).map(|q| q.info(qpn))
+    }
+
+    fn resolve_remote(
+        &self,
+        qpn: u32,
+        rkey: u32,
+        addr: u64,
+        len: u64,
+        access: u32,
+    ) -> Option<Vec<Seg>> {
+        let qp = self.qps.get(qpn)?;
+        if qp.attr.qp_access_flags & access == 0 {
+            return None;
+        }
+        if len == 0 && access == abi::ACCESS_REMOTE_WRITE {
+            // Zero-length RDMA WRITE: no key or address check (IB spec 9.4.1.1).
+            return Some(Vec::new());
+        }
+        let mr = self.mrs.get(rkey)?;
+        if mr.pd != qp.pd || mr.access & access == 0 {
+            return None;
+        }
+        let mut out = Vec::new();
+        mr.resolve(addr, len, &mut out).then_some(out)
+    }
+
+    fn take_recv(&mut self, qpn: u32) -> TakeRecv {
+        let Some(mem) = self.mem.clone() else {
+            return TakeRecv::Empty;
+        };
+        let Some(qp) = self.qps.get(qpn) else {
+            return TakeRecv::Empty;
+        };
+        let prod = qp.rq.prod(&mem);
+        let n = prod.wrapping_sub(qp.rq_cons);
+        if n == 0 {
+            return TakeRecv::Empty;
+        }
+        if n > qp.rq.depth {
+            self.set_error(qpn, abi::VENDOR_ERR_RING_OVERRUN);
+            return TakeRecv::Bad;
+        }
+        let idx = qp.rq_cons;
+        let slot = qp.rq.slot(idx);
+        let (pd, max_sge, recv_cq, rq) = (qp.pd, qp.max_recv_sge, qp.recv_cq, qp.rq.clone());
+        let w = mem.read_obj::<abi::RecvWqe>(GuestAddress(slot)).unwrap_or_default();
+        let mut segs = Vec::new();
+        let res = if w.num_sge > max_sge {
+            Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))
+        } else {
+            Self::read_sges(&mem, slot + abi::RECV_WQE_HDR as u64, w.num_sge as usize)
+                .ok_or((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))
+                .and_then(|s| self.resolve_sges(pd, &s, true, &mut segs))
+        };
+        if let Some(qp) = self.qps.get_mut(qpn) {
+            qp.rq_cons = idx.wrapping_add(1);
+        }
+        rq.set_cons(&mem, idx.wrapping_add(1));
+        match res {
+            Ok(len) => TakeRecv::Wr(RecvWr {
+                wr_id: w.wr_id,
+                segs,
+                len,
+            }),
+            Err((status, vendor)) => {
+                self.push_cqe(
+                    recv_cq,
+                    qpn,
+                    &Completion {
+                        wr_id: w.wr_id,
+                        status,
+                        opcode: abi::WC_OP_RECV,
+                        vendor_err: vendor,
+                        ..Default::default()
+                    },
+                );
+                TakeRecv::Bad
+            }
+        }
+    }
+
+    fn complete_send(&mut self, qpn: u32, c: Completion, signaled: bool) {
+        let Some(qp) = self.qps.get(qpn) else {
+            return;
+        };
+        let cq = qp.send_cq;
+        if qp.sq_stalled && !self.refetch.contains(&qpn) {
+            self.refetch.push(qpn);
+        }
+        if signaled || c.status != abi::WC_SUCCESS {
+            self.push_cqe(cq, qpn, &c);
+        }
+    }
+
+    fn complete_recv(&mut self, qpn: u32, c: Completion) {
+        if let Some(cq) = self.qps.get(qpn).map(|q| q.recv_cq) {
+            self.push_cqe(cq, qpn, &c);
+        }
+    }
+
+    fn qp_error(&mut self, qpn: u32, vendor_err: u32) {
+        self.set_error(qpn, vendor_err);
+    }
 }
 
 impl State {
     pub fn new(cfg: DeviceConfig, port: Arc<Port>) -> Self {
-        Self { acked_features: 0, active: None, cfg, port, work: Work::default() }
+        Self {
+            acked_features: 0,
+            active: None,
+            core: Core::new(cfg),
+            backend: SoftBackend::new(port.clone()),
+            port,
+        }
     }
+
     pub fn activate(&mut self, mem: Arc<GuestMemoryMmap>, queues: Vec<Queue>, irq: Arc<dyn Interrupt>) {
+        self.core.mem = Some(mem.clone());
         self.active = Some(Active { mem, queues, irq });
     }
-    pub fn process_ctrlq(&mut self) {}
-    pub fn process_doorbells(&mut self) {}
+
+    /// Fails a QP from the core's side: the backend flushes what it holds first, so that
+    /// completions stay in order, then the core flushes the rings.
+    pub fn fail_qp(&mut self, qpn: u32, vendor_err: u32) {
+        self.flush_qp(qpn, Some(vendor_err));
+    }
+
+    /// Moves a QP to ERR, flushing everything outstanding; `event` raises EV_QP_FATAL.
+    pub fn flush_qp(&mut self, qpn: u32, event: Option<u32>) {
+        let Some(qp) = self.core.qps.get(qpn) else {
+            return;
+        };
+        let prev = qp.attr.qp_state;
+        if prev == abi::QPS_ERR {
+            self.core.flush_rings(qpn);
+            return;
+        }
+        let mut info = qp.info(qpn);
+        info.state = abi::QPS_ERR;
+        if let Some(q) = self.core.qps.get_mut(qpn) {
+            q.attr.qp_state = abi::QPS_ERR;
+        }
+        self.backend.modify_qp(&mut self.core, &info, prev);
+        if let (Some(v), true) = (event, prev != abi::QPS_RESET) {
+            self.core.push_event(abi::EV_QP_FATAL, qpn, v as u64);
+        }
+        self.core.flush_rings(qpn);
+    }
+
+    /// Fetches and executes the QP's new send WQEs (or flushes them in ERR).
+    pub fn process_sq(&mut self, qpn: u32) {
+        let Some(mem) = self.core.mem.clone() else {
+            return;
+        };
+        let Some(qp) = self.core.qps.get_mut(qpn) else {
+            return;
+        };
+        qp.sq_stalled = false;
+        match qp.attr.qp_state {
+            abi::QPS_RTS => {}
+            abi::QPS_ERR | abi::QPS_SQE => {
+                self.core.flush_rings(qpn);
+                return;
+            }
+            // RESET/INIT/RTR/SQD: WQEs wait in the ring.
+            _ => return,
+        }
+        let prod = qp.sq.prod(&mem);
+        if prod.wrapping_sub(qp.sq_cons) > qp.sq.depth {
+            self.fail_qp(qpn, abi::VENDOR_ERR_RING_OVERRUN);
+            return;
+        }
+        let depth = qp.sq.depth as usize;
+        loop {
+            let Some(qp) = self.core.qps.get_mut(qpn) else {
+                return;
+            };
+            if qp.sq_cons == prod || qp.attr.qp_state != abi::QPS_RTS {
+                return;
+            }
+            if self.backend.outstanding(qpn) >= depth {
+                qp.sq_stalled = true;
+                return;
+            }
+            let idx = qp.sq_cons;
+            let wr = self.core.parse_send(self.core.qps.get(qpn).expect("exists"), idx);
+            let qp = self.core.qps.get_mut(qpn).expect("exists");
+            qp.sq_cons = idx.wrapping_add(1);
+            qp.sq.set_cons(&mem, qp.sq_cons);
+            self.backend.post_send(&mut self.core, qpn, wr);
+            self.settle();
+        }
+    }
+
+    /// Applies what the core deferred (QP failures, SQ refetches).
+    fn settle(&mut self) {
+        loop {
+            if let Some((qpn, vendor)) = self.core.pending_fail.pop() {
+                self.fail_qp(qpn, vendor);
+                continue;
+            }
+            if let Some(qpn) = self.core.refetch.pop() {
+                self.process_sq(qpn);
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// The doorbell: new event buffers, SQ doorbells and CQ arm requests.
+    pub fn process_doorbells(&mut self) {
+        let (Some(mem), Some(db)) = (self.core.mem.clone(), self.core.db_gpa) else {
+            self.flush_events();
+            return;
+        };
+        let max_qp = self.core.cfg.max_qp;
+        let max_cq = self.core.cfg.max_cq;
+        let sq_base = db + abi::DB_SQ_BITMAP_OFFSET;
+        for (word, bit) in take_bits(&mem, sq_base, max_qp) {
+            let index = word * 64 + bit;
+            if let Some((qpn, _)) = self.core.qps.by_index(index) {
+                self.process_sq(qpn);
+            }
+        }
+        let cq_base = db + abi::db_cq_bitmap_offset(max_qp);
+        for (word, bit) in take_bits(&mem, cq_base, max_cq) {
+            self.core.process_arm(word * 64 + bit);
+        }
+        self.settle();
+        self.flush_events();
+    }
+
+    /// Handles inbound packets and timers.
+    pub fn process_inbound(&mut self, _port: &Port, now: Instant) {
+        if self.core.mem.is_none() {
+            self.port.clear();
+            return;
+        }
+        self.backend.process(&mut self.core, now);
+        self.settle();
+        if let Some(first) = self.core.moderation.first_pending {
+            if now >= first + Duration::from_micros(self.core.moderation.usec as u64) {
+                self.raise_event_irq();
+            }
+        }
+        self.flush_events();
+    }
+
+    pub fn take_fabric_work(&mut self) -> Work {
+        self.backend.take_work()
+    }
+
+    fn raise_event_irq(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        self.core.moderation.pending = 0;
+        self.core.moderation.first_pending = None;
+        let needs = active.queues[abi::EVENTQ as usize]
+            .needs_notification(active.mem.as_ref())
+            .unwrap_or(true);
+        if needs {
+            let _ = active.irq.trigger(InterruptKind::Queue(abi::EVENTQ));
+        }
+    }
+
+    /// Delivers pending events into event-queue buffers and raises the interrupt (moderated).
+    pub fn flush_events(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let q = &mut active.queues[abi::EVENTQ as usize];
+        let mut delivered = 0u32;
+        loop {
+            let ev = if let Some(ev) = self.core.events.front() {
+                *ev
+            } else if self.core.events_dropped > 0 {
+                abi::Event {
+                    kind: abi::EV_OVERFLOW,
+                    handle: 0,
+                    detail: self.core.events_dropped,
+                }
+            } else {
+                break;
+            };
+            let Some(chain) = q.pop_descriptor_chain(mem.as_ref()) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut written = 0;
+            if let Some(d) = chain.writable().next() {
+                if d.len() >= abi::EVENT_SIZE
+                    && mem.write_obj(ev, d.addr()).is_ok()
+                {
+                    written = abi::EVENT_SIZE;
+                }
+            }
+            let _ = q.add_used(mem.as_ref(), head, written);
+            if ev.kind == abi::EV_OVERFLOW && self.core.events.is_empty() {
+                self.core.events_dropped = 0;
+            } else {
+                self.core.events.pop_front();
+            }
+            delivered += 1;
+        }
+        if delivered == 0 {
+            return;
+        }
+        let m = &mut self.core.moderation;
+        m.pending += delivered;
+        if m.pending >= m.max_events.max(1) {
+            self.raise_event_irq();
+        } else if m.first_pending.is_none() {
+            let at = Instant::now();
+            m.first_pending = Some(at);
+            let deadline = at + Duration::from_micros(m.usec as u64);
+            self.port.fabric().schedule(&self.port, deadline);
+        }
+    }
+
+    /// Device reset: flush every outstanding WR, then forget everything.
     pub fn reset(&mut self) {
+        if self.core.mem.is_some() {
+            for qpn in self.core.qps.handles() {
+                self.flush_qp(qpn, None);
+            }
+            self.settle();
+        }
+        for qpn in self.core.qps.handles() {
+            self.backend.destroy_qp(qpn);
+        }
+        self.backend.clear();
+        let cfg = self.core.cfg.clone();
+        self.core = Core::new(cfg);
         self.active = None;
         self.acked_features = 0;
     }
-    pub fn process_inbound(&mut self, _port: &Port, _now: Instant) {}
-    pub fn take_fabric_work(&mut self) -> Work {
-        std::mem::take(&mut self.work)
+}
+
+/// Atomically takes (clears) every set bit of a doorbell bitmap covering indices `0..=max`.
+fn take_bits(mem: &GuestMemoryMmap, base: u64, max: u32) -> Vec<(u32, u32)> {
+    let bytes = abi::bitmap_bytes(max);
+    let mut out = Vec::new();
+    // The doorbell area was checked to lie in one region when it was registered.
+    let Ok(slice) = mem.get_slice(GuestAddress(base), bytes as usize) else {
+        return out;
+    };
+    for w in 0..bytes / 8 {
+        let Ok(cell) = slice.get_atomic_ref::<AtomicU64>((w * 8) as usize) else {
+            return out;
+        };
+        // Cheap check first: most words are zero under load with few active QPs.
+        if cell.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        let mut bits = cell.swap(0, Ordering::AcqRel);
+        while bits != 0 {
+            let b = bits.trailing_zeros();
+            bits &= bits - 1;
+            out.push((w as u32, b));
+        }
     }
+    out
 }

@@ -1,49 +1,342 @@
-//! The soft fabric (placeholder while it lands).
-use std::sync::{Arc, Weak};
+//! The soft fabric: the embedded backend that needs no RDMA hardware.
+//!
+//! Devices in one process attach to a shared [`SoftFabric`] through a [`Port`] named by their
+//! GID. The transport engine ([`engine::SoftBackend`], shaped like Linux rxe: requester,
+//! responder, completer) keeps explicit protocol state per QP — PSNs, ACKs, NAKs, retry and RNR
+//! timers — and exchanges [`packet::Packet`]s through the fabric, so that a later RoCEv2 wire can
+//! carry the same packets across processes and hosts.
+//!
+//! In-process, a packet's payload is a reference to the sender's guest memory; the receiver
+//! copies straight from it into its own guest memory (one copy, no bounce buffer).
+//!
+//! Concurrency: a device handles packets only under its own lock, and never holds its lock while
+//! delivering to another device. Senders push packets into the destination port's inbox (in PSN
+//! order, under the sender's lock) and collect the destination in a [`Work`] list; after releasing
+//! their lock they run that list ([`SoftFabric::run`]), draining each destination in turn.
+//! One timer thread per fabric serves every device's retry and RNR timers; it sleeps when no
+//! timer is armed.
 
+pub mod engine;
+pub mod packet;
+
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use thiserror::Error;
 use vrdma_abi::Gid;
 
 use crate::device::Vrdma;
+use packet::Packet;
 
-/// Ports with pending work, to be driven after the caller released its device lock.
+/// Errors of fabric membership.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FabricError {
+    /// Another device already uses this GID.
+    #[error("GID {0:02x?} is already attached")]
+    GidInUse([u8; 16]),
+}
+
+/// Ports with pending inbound work, to be driven once the caller released its device lock.
 #[derive(Default, Debug)]
 pub struct Work {
     ports: Vec<Arc<Port>>,
 }
 
-/// The in-process fabric.
-#[derive(Debug, Default)]
-pub struct SoftFabric {}
+impl Work {
+    /// Adds a port (once).
+    pub fn add(&mut self, p: &Arc<Port>) {
+        if !self.ports.iter().any(|q| Arc::ptr_eq(q, p)) {
+            self.ports.push(p.clone());
+        }
+    }
+
+    /// Merges another list.
+    pub fn extend(&mut self, other: Work) {
+        for p in other.ports {
+            self.add(&p);
+        }
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    shutdown: bool,
+}
+
+struct TimerShared {
+    timers: Mutex<Timers>,
+    cv: Condvar,
+}
+
+/// Counters of the fabric.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FabricStats {
+    /// Packets delivered into a port's inbox.
+    pub delivered: u64,
+    /// Packets dropped because no port had the destination GID.
+    pub unroutable: u64,
+}
+
+/// An in-process fabric connecting devices by GID.
+pub struct SoftFabric {
+    ports: RwLock<HashMap<Gid, Arc<Port>>>,
+    by_id: RwLock<HashMap<u64, Weak<Port>>>,
+    next_id: Mutex<u64>,
+    timer: Arc<TimerShared>,
+    timer_thread: Mutex<Option<JoinHandle<()>>>,
+    stats: Mutex<FabricStats>,
+    self_ref: Weak<SoftFabric>,
+}
+
+impl std::fmt::Debug for SoftFabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftFabric")
+            .field("ports", &self.ports.read().map(|p| p.len()).unwrap_or(0))
+            .finish()
+    }
+}
 
 impl SoftFabric {
     /// A new, empty fabric.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new_cyclic(|w| Self {
+            ports: RwLock::new(HashMap::new()),
+            by_id: RwLock::new(HashMap::new()),
+            next_id: Mutex::new(1),
+            timer: Arc::new(TimerShared {
+                timers: Mutex::new(Timers::default()),
+                cv: Condvar::new(),
+            }),
+            timer_thread: Mutex::new(None),
+            stats: Mutex::new(FabricStats::default()),
+            self_ref: w.clone(),
+        })
     }
-    pub(crate) fn attach(&self, _p: Arc<Port>) -> Result<(), String> {
+
+    /// Counters.
+    pub fn stats(&self) -> FabricStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn attach(&self, port: Arc<Port>) -> Result<(), FabricError> {
+        let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
+        if ports.contains_key(&port.gid) {
+            return Err(FabricError::GidInUse(port.gid.raw));
+        }
+        ports.insert(port.gid, port.clone());
+        self.by_id
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(port.id, Arc::downgrade(&port));
         Ok(())
     }
-    pub(crate) fn detach(&self, _p: &Port) {}
-    pub(crate) fn run(&self, w: Work) {
-        drop(w)
+
+    pub(crate) fn detach(&self, port: &Port) {
+        let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
+        if ports.get(&port.gid).is_some_and(|p| p.id == port.id) {
+            ports.remove(&port.gid);
+        }
+        self.by_id
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&port.id);
+    }
+
+    fn alloc_id(&self) -> u64 {
+        let mut n = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        *n
+    }
+
+    /// Routes a packet to the port owning `pkt.dst`; records the port in `work`. Unroutable
+    /// packets are dropped, as a network would (the sender's retry timer notices).
+    pub(crate) fn route(&self, pkt: Packet, work: &mut Work) {
+        let port = self
+            .ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pkt.dst)
+            .cloned();
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        match port {
+            Some(p) => {
+                stats.delivered += 1;
+                drop(stats);
+                p.push(pkt);
+                work.add(&p);
+            }
+            None => stats.unroutable += 1,
+        }
+    }
+
+    /// Drives every port in `work` (and the ports their processing reaches) until no packet is
+    /// pending. Must be called with no device lock held.
+    pub fn run(&self, mut work: Work) {
+        while let Some(port) = work.ports.pop() {
+            if let Some(dev) = port.dev.upgrade() {
+                let more = dev.process_fabric(Instant::now());
+                work.extend(more);
+            }
+        }
+    }
+
+    /// Asks the timer thread to process `port` at `deadline`.
+    pub(crate) fn schedule(&self, port: &Port, deadline: Instant) {
+        let mut t = self.timer.timers.lock().unwrap_or_else(|e| e.into_inner());
+        t.heap.push(Reverse((deadline, port.id)));
+        drop(t);
+        self.timer.cv.notify_one();
+        self.ensure_timer_thread();
+    }
+
+    fn ensure_timer_thread(&self) {
+        let mut th = self.timer_thread.lock().unwrap_or_else(|e| e.into_inner());
+        if th.is_some() {
+            return;
+        }
+        let shared = self.timer.clone();
+        let fabric = self.self_ref.clone();
+        *th = std::thread::Builder::new()
+            .name("vrdma-fabric-timer".into())
+            .spawn(move || timer_loop(shared, fabric))
+            .ok();
+    }
+}
+
+fn timer_loop(shared: Arc<TimerShared>, fabric: Weak<SoftFabric>) {
+    let mut t = shared.timers.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if t.shutdown {
+            return;
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while let Some(Reverse((at, id))) = t.heap.peek().copied() {
+            if at > now {
+                break;
+            }
+            t.heap.pop();
+            if !due.contains(&id) {
+                due.push(id);
+            }
+        }
+        if !due.is_empty() {
+            drop(t);
+            if let Some(f) = fabric.upgrade() {
+                let mut work = Work::default();
+                for id in due {
+                    let port = f
+                        .by_id
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&id)
+                        .and_then(Weak::upgrade);
+                    if let Some(p) = port {
+                        work.add(&p);
+                    }
+                }
+                f.run(work);
+            }
+            t = shared.timers.lock().unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        t = match t.heap.peek().copied() {
+            Some(Reverse((at, _))) => {
+                let wait = at.saturating_duration_since(now);
+                shared
+                    .cv
+                    .wait_timeout(t, wait)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0)
+            }
+            // Nothing armed: sleep until someone schedules a timer (no CPU when idle).
+            None => shared.cv.wait(t).unwrap_or_else(|e| e.into_inner()),
+        };
+    }
+}
+
+impl Drop for SoftFabric {
+    fn drop(&mut self) {
+        self.timer
+            .timers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .shutdown = true;
+        self.timer.cv.notify_all();
+        if let Some(h) = self
+            .timer_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            // The last reference may be dropped by the timer thread itself.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
     }
 }
 
 /// A device's attachment to the fabric.
-#[derive(Debug)]
 pub struct Port {
     fabric: Arc<SoftFabric>,
-    #[allow(dead_code)]
     gid: Gid,
-    #[allow(dead_code)]
+    id: u64,
     dev: Weak<Vrdma>,
+    inbox: Mutex<VecDeque<Packet>>,
+}
+
+impl std::fmt::Debug for Port {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Port").field("gid", &self.gid).finish()
+    }
 }
 
 impl Port {
     pub(crate) fn new(fabric: Arc<SoftFabric>, gid: Gid, dev: Weak<Vrdma>) -> Arc<Self> {
-        Arc::new(Self { fabric, gid, dev })
+        let id = fabric.alloc_id();
+        Arc::new(Self {
+            fabric,
+            gid,
+            id,
+            dev,
+            inbox: Mutex::new(VecDeque::new()),
+        })
     }
-    pub(crate) fn fabric(&self) -> &Arc<SoftFabric> {
+
+    /// The fabric.
+    pub fn fabric(&self) -> &Arc<SoftFabric> {
         &self.fabric
+    }
+
+    /// This port's GID.
+    pub fn gid(&self) -> Gid {
+        self.gid
+    }
+
+    fn push(&self, pkt: Packet) {
+        self.inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(pkt);
+    }
+
+    /// Takes every pending inbound packet.
+    pub(crate) fn drain(&self) -> VecDeque<Packet> {
+        std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Drops pending inbound packets (device reset).
+    pub(crate) fn clear(&self) {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

@@ -1,0 +1,980 @@
+//! The soft transport engine: requester, responder and completer of every QP of one device.
+//!
+//! Shaped like Linux rxe. The *requester* turns send WRs into request packets, assigning PSNs
+//! (one per MTU-sized packet of the message), and respects the READ/atomic depth and fences. The
+//! *responder* checks each request's PSN against the expected PSN, executes it once (duplicates
+//! are re-acknowledged; duplicate atomics replay the saved result instead of executing again),
+//! and answers with an ACK, a READ response, an atomic ACK or a NAK (RNR, sequence, access,
+//! invalid, operational). The *completer* retires WRs in order on responses, and drives the
+//! retry (ACK timeout) and RNR timers.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vrdma_abi as abi;
+
+use super::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome};
+use super::{Port, Work};
+use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv};
+use crate::mr::{self, Seg};
+use crate::qp::{ack_timeout_us, rnr_timer_us};
+
+/// Saved results of recent atomics per QP, for replaying duplicates.
+const ATOMIC_REPLAY: usize = 32;
+
+#[derive(Debug)]
+struct ReqOp {
+    wr: SendWr,
+    psn: u32,
+    npsn: u32,
+    sent: bool,
+}
+
+impl ReqOp {
+    fn last_psn(&self) -> u32 {
+        psn::add(self.psn, self.npsn.max(1) - 1)
+    }
+
+    fn is_rd_atomic(&self) -> bool {
+        matches!(
+            self.wr.opcode,
+            abi::WR_RDMA_READ | abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD
+        )
+    }
+}
+
+#[derive(Debug)]
+struct SoftQp {
+    info: QpInfo,
+    next_psn: u32,
+    ops: VecDeque<ReqOp>,
+    retry_left: u8,
+    rnr_left: u8,
+    deadline: Option<Instant>,
+    rnr_wait: bool,
+    epsn: u32,
+    msn: u32,
+    atomic_replay: VecDeque<(u32, u64)>,
+}
+
+impl SoftQp {
+    fn new(info: QpInfo) -> Self {
+        Self {
+            info,
+            next_psn: 0,
+            ops: VecDeque::new(),
+            retry_left: 0,
+            rnr_left: 0,
+            deadline: None,
+            rnr_wait: false,
+            epsn: 0,
+            msn: 0,
+            atomic_replay: VecDeque::new(),
+        }
+    }
+
+    fn npsn(&self, len: u64) -> u32 {
+        let mtu = self.info.mtu.max(256) as u64;
+        len.div_ceil(mtu).clamp(1, psn::MASK as u64 / 2) as u32
+    }
+}
+
+/// Completion opcode for a send opcode.
+pub fn wc_opcode(op: u8) -> u8 {
+    match op {
+        abi::WR_RDMA_WRITE | abi::WR_RDMA_WRITE_WITH_IMM => abi::WC_OP_RDMA_WRITE,
+        abi::WR_RDMA_READ => abi::WC_OP_RDMA_READ,
+        abi::WR_ATOMIC_CMP_AND_SWP => abi::WC_OP_COMP_SWAP,
+        abi::WR_ATOMIC_FETCH_AND_ADD => abi::WC_OP_FETCH_ADD,
+        _ => abi::WC_OP_SEND,
+    }
+}
+
+/// The soft fabric's backend for one device.
+pub struct SoftBackend {
+    port: Arc<Port>,
+    qps: HashMap<u32, SoftQp>,
+    timed: HashSet<u32>,
+    scheduled: Option<Instant>,
+    work: Work,
+}
+
+impl std::fmt::Debug for SoftBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftBackend").field("qps", &self.qps.len()).finish()
+    }
+}
+
+impl SoftBackend {
+    /// A backend sending through `port`.
+    pub fn new(port: Arc<Port>) -> Self {
+        Self {
+            port,
+            qps: HashMap::new(),
+            timed: HashSet::new(),
+            scheduled: None,
+            work: Work::default(),
+        }
+    }
+
+    /// Ports that received packets since the last call.
+    pub fn take_work(&mut self) -> Work {
+        std::mem::take(&mut self.work)
+    }
+
+    /// Drops every QP and pending packet (device reset).
+    pub fn clear(&mut self) {
+        self.qps.clear();
+        self.timed.clear();
+        self.port.clear();
+    }
+
+    fn send(&mut self, pkt: Packet) {
+        self.port.fabric().route(pkt, &mut self.work);
+    }
+
+    fn reply(&mut self, req: &Packet, psn: u32, body: Body) {
+        let pkt = Packet {
+            src: req.dst,
+            dst: req.src,
+            src_qpn: req.dst_qpn,
+            dst_qpn: req.src_qpn,
+            psn,
+            body,
+        };
+        self.send(pkt);
+    }
+
+    fn complete_op(ops: &mut dyn DeviceOps, qpn: u32, op: &ReqOp, status: u8, vendor_err: u32) {
+        let byte_len = match op.wr.opcode {
+            abi::WR_RDMA_READ => op.wr.len as u32,
+            abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD => 8,
+            _ => 0,
+        };
+        ops.complete_send(
+            qpn,
+            Completion {
+                wr_id: op.wr.wr_id,
+                status,
+                opcode: wc_opcode(op.wr.opcode),
+                byte_len: if status == abi::WC_SUCCESS { byte_len } else { 0 },
+                vendor_err,
+                ..Default::default()
+            },
+            op.wr.signaled,
+        );
+    }
+
+    /// Completes every held WR of the QP with a flush error.
+    fn flush_ops(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
+        let Some(qp) = self.qps.get_mut(&qpn) else {
+            return;
+        };
+        let held = std::mem::take(&mut qp.ops);
+        qp.deadline = None;
+        qp.rnr_wait = false;
+        for op in held {
+            Self::complete_op(ops, qpn, &op, abi::WC_WR_FLUSH_ERR, 0);
+        }
+    }
+
+    /// Fails the QP: flushes what this backend holds, then lets the core flush the rest.
+    fn fail(&mut self, ops: &mut dyn DeviceOps, qpn: u32, vendor_err: u32) {
+        self.flush_ops(ops, qpn);
+        if let Some(qp) = self.qps.get_mut(&qpn) {
+            qp.info.state = abi::QPS_ERR;
+        }
+        ops.qp_error(qpn, vendor_err);
+    }
+
+    /// Completes the head op with `status` and fails the QP.
+    fn fail_head(&mut self, ops: &mut dyn DeviceOps, qpn: u32, status: u8, vendor_err: u32) {
+        if let Some(op) = self.qps.get_mut(&qpn).and_then(|q| q.ops.pop_front()) {
+            Self::complete_op(ops, qpn, &op, status, vendor_err);
+        }
+        self.fail(ops, qpn, vendor_err);
+    }
+
+    fn arm_timer(&mut self, qpn: u32, at: Instant) {
+        if let Some(qp) = self.qps.get_mut(&qpn) {
+            qp.deadline = Some(at);
+            self.timed.insert(qpn);
+        }
+    }
+
+    /// Sends what the QP may send now.
+    fn pump(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
+        loop {
+            let Some(qp) = self.qps.get_mut(&qpn) else {
+                return;
+            };
+            if qp.info.state != abi::QPS_RTS || qp.rnr_wait {
+                return;
+            }
+            // A malformed WR completes, in order, once everything before it has.
+            if let Some(front) = qp.ops.front() {
+                if let Some((status, vendor)) = front.wr.error {
+                    self.fail_head(ops, qpn, status, vendor);
+                    return;
+                }
+            }
+            let mut rd_out = 0u32;
+            let mut next = None;
+            for (i, op) in qp.ops.iter().enumerate() {
+                if op.wr.error.is_some() {
+                    break;
+                }
+                if op.sent {
+                    rd_out += op.is_rd_atomic() as u32;
+                    continue;
+                }
+                if op.is_rd_atomic() && rd_out >= (qp.info.max_rd_atomic as u32).max(1) {
+                    break;
+                }
+                if op.wr.flags & abi::SEND_F_FENCE != 0 && rd_out > 0 {
+                    break;
+                }
+                next = Some(i);
+                break;
+            }
+            let Some(i) = next else {
+                return;
+            };
+            let op = &mut qp.ops[i];
+            op.sent = true;
+            let mut pkt = build_request(ops.memory(), &qp.info, op);
+            pkt.src = self.port.gid();
+            let arm = qp.deadline.is_none();
+            let timeout = ack_timeout_us(qp.info.timeout);
+            self.send(pkt);
+            if arm {
+                if let Some(us) = timeout {
+                    self.arm_timer(qpn, Instant::now() + Duration::from_micros(us));
+                }
+            }
+        }
+    }
+
+    fn post_ud(&mut self, ops: &mut dyn DeviceOps, qpn: u32, wr: SendWr) {
+        let Some(qp) = self.qps.get(&qpn) else {
+            return;
+        };
+        let op = ReqOp {
+            wr,
+            psn: qp.next_psn,
+            npsn: 1,
+            sent: true,
+        };
+        if let Some((status, vendor)) = op.wr.error {
+            Self::complete_op(ops, qpn, &op, status, vendor);
+            self.fail(ops, qpn, vendor);
+            return;
+        }
+        if let Some(dest) = op.wr.ud {
+            let pkt = Packet {
+                src: self.port.gid(),
+                dst: dest.gid,
+                src_qpn: qpn,
+                dst_qpn: dest.qpn,
+                psn: op.psn,
+                body: Body::Ud {
+                    qkey: dest.qkey,
+                    imm: op.wr.imm,
+                    solicited: op.wr.flags & abi::SEND_F_SOLICITED != 0,
+                    payload: payload_of(ops.memory(), &op.wr),
+                },
+            };
+            self.send(pkt);
+        }
+        if let Some(qp) = self.qps.get_mut(&qpn) {
+            qp.next_psn = psn::add(qp.next_psn, 1);
+        }
+        // Unreliable: complete as soon as it is on the wire.
+        Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
+    }
+
+    fn handle(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
+        match &pkt.body {
+            Body::Send { .. } | Body::Write { .. } | Body::ReadReq { .. } | Body::Atomic { .. } => {
+                self.respond(ops, pkt)
+            }
+            Body::Ack { .. } | Body::ReadResp { .. } | Body::AtomicAck { .. } => {
+                self.complete(ops, pkt)
+            }
+            Body::Ud { .. } => self.receive_ud(ops, pkt),
+        }
+    }
+
+    // ---- responder --------------------------------------------------------------------------
+
+    fn respond(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
+        let qpn = pkt.dst_qpn;
+        let Some(qp) = self.qps.get_mut(&qpn) else {
+            return; // Unknown QPN: dropped, as on a wire.
+        };
+        let st = qp.info.state;
+        if qp.info.qp_type != abi::QPT_RC
+            || !matches!(st, abi::QPS_RTR | abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE)
+            || pkt.src != qp.info.dest_gid
+            || pkt.src_qpn != qp.info.dest_qpn
+        {
+            return;
+        }
+        let len = match &pkt.body {
+            Body::Send { payload, .. } | Body::Write { payload, .. } => payload.len(),
+            Body::ReadReq { len, .. } => *len,
+            _ => 8,
+        };
+        let npsn = match &pkt.body {
+            Body::Atomic { .. } => 1,
+            _ => qp.npsn(len),
+        };
+        let d = psn::diff(pkt.psn, qp.epsn);
+        if d > 0 {
+            // Out of sequence: a packet before it was refused (RNR) or lost. Drop it; the
+            // requester goes back to the first unacknowledged PSN.
+            return;
+        }
+        if d < 0 {
+            self.duplicate(ops, qpn, pkt, npsn);
+            return;
+        }
+        let last = psn::add(pkt.psn, npsn - 1);
+        let body = pkt.body.clone();
+        match body {
+            Body::Send {
+                imm,
+                solicited,
+                payload,
+            } => {
+                let recv = match ops.take_recv(qpn) {
+                    TakeRecv::Wr(r) => r,
+                    TakeRecv::Empty => {
+                        let t = self.qps[&qpn].info.min_rnr_timer;
+                        self.reply(&pkt, pkt.psn, nak(Syndrome::RnrNak(t)));
+                        return;
+                    }
+                    TakeRecv::Bad => {
+                        self.reply(&pkt, pkt.psn, nak(Syndrome::NakOperational));
+                        self.fail(ops, qpn, abi::VENDOR_ERR_BAD_WQE);
+                        return;
+                    }
+                };
+                if payload.len() > recv.len {
+                    ops.complete_recv(qpn, recv_completion(recv.wr_id, abi::WC_LOC_LEN_ERR));
+                    self.reply(&pkt, pkt.psn, nak(Syndrome::NakInvalid));
+                    self.fail(ops, qpn, 0);
+                    return;
+                }
+                payload.copy_to(ops.memory(), &recv.segs);
+                ops.complete_recv(
+                    qpn,
+                    Completion {
+                        wr_id: recv.wr_id,
+                        status: abi::WC_SUCCESS,
+                        opcode: abi::WC_OP_RECV,
+                        byte_len: payload.len() as u32,
+                        imm,
+                        solicited,
+                        ..Default::default()
+                    },
+                );
+            }
+            Body::Write {
+                addr,
+                rkey,
+                imm,
+                solicited,
+                payload,
+            } => {
+                let Some(segs) =
+                    ops.resolve_remote(qpn, rkey, addr, payload.len(), abi::ACCESS_REMOTE_WRITE)
+                else {
+                    self.reply(&pkt, pkt.psn, nak(Syndrome::NakAccess));
+                    self.fail(ops, qpn, 0);
+                    return;
+                };
+                let recv = if imm.is_some() {
+                    match ops.take_recv(qpn) {
+                        TakeRecv::Wr(r) => Some(r),
+                        TakeRecv::Empty => {
+                            let t = self.qps[&qpn].info.min_rnr_timer;
+                            self.reply(&pkt, pkt.psn, nak(Syndrome::RnrNak(t)));
+                            return;
+                        }
+                        TakeRecv::Bad => {
+                            self.reply(&pkt, pkt.psn, nak(Syndrome::NakOperational));
+                            self.fail(ops, qpn, abi::VENDOR_ERR_BAD_WQE);
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
+                payload.copy_to(ops.memory(), &segs);
+                if let Some(r) = recv {
+                    ops.complete_recv(
+                        qpn,
+                        Completion {
+                            wr_id: r.wr_id,
+                            status: abi::WC_SUCCESS,
+                            opcode: abi::WC_OP_RECV_RDMA_WITH_IMM,
+                            byte_len: payload.len() as u32,
+                            imm,
+                            solicited,
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+            Body::ReadReq { addr, rkey, len } => {
+                let Some(segs) = ops.resolve_remote(qpn, rkey, addr, len, abi::ACCESS_REMOTE_READ)
+                else {
+                    self.reply(&pkt, pkt.psn, nak(Syndrome::NakAccess));
+                    self.fail(ops, qpn, 0);
+                    return;
+                };
+                let payload = Payload::Guest {
+                    mem: ops.memory().clone(),
+                    segs: Arc::new(segs),
+                };
+                if let Some(qp) = self.qps.get_mut(&qpn) {
+                    qp.epsn = psn::add(qp.epsn, npsn);
+                }
+                self.reply(&pkt, pkt.psn, Body::ReadResp { payload });
+                return;
+            }
+            Body::Atomic { addr, rkey, op } => {
+                let res = if addr % 8 != 0 {
+                    None
+                } else {
+                    ops.resolve_remote(qpn, rkey, addr, 8, abi::ACCESS_REMOTE_ATOMIC)
+                };
+                let orig = res.and_then(|segs| execute_atomic(ops, &segs, op));
+                let Some(orig) = orig else {
+                    let syn = if addr % 8 != 0 {
+                        Syndrome::NakInvalid
+                    } else {
+                        Syndrome::NakAccess
+                    };
+                    self.reply(&pkt, pkt.psn, nak(syn));
+                    self.fail(ops, qpn, 0);
+                    return;
+                };
+                if let Some(qp) = self.qps.get_mut(&qpn) {
+                    qp.epsn = psn::add(qp.epsn, 1);
+                    qp.atomic_replay.push_back((pkt.psn, orig));
+                    if qp.atomic_replay.len() > ATOMIC_REPLAY {
+                        qp.atomic_replay.pop_front();
+                    }
+                }
+                self.reply(&pkt, pkt.psn, Body::AtomicAck { orig });
+                return;
+            }
+            _ => return,
+        }
+        let msn = if let Some(qp) = self.qps.get_mut(&qpn) {
+            qp.epsn = psn::add(qp.epsn, npsn);
+            qp.msn = qp.msn.wrapping_add(1) & psn::MASK;
+            qp.msn
+        } else {
+            0
+        };
+        self.reply(
+            &pkt,
+            last,
+            Body::Ack {
+                syndrome: Syndrome::Ack,
+                msn,
+            },
+        );
+    }
+
+    fn duplicate(&mut self, ops: &mut dyn DeviceOps, qpn: u32, pkt: Packet, npsn: u32) {
+        let Some(qp) = self.qps.get(&qpn) else {
+            return;
+        };
+        match &pkt.body {
+            Body::Atomic { .. } => {
+                // Never execute twice: replay the saved result.
+                if let Some(&(_, orig)) = qp.atomic_replay.iter().find(|(p, _)| *p == pkt.psn) {
+                    self.reply(&pkt, pkt.psn, Body::AtomicAck { orig });
+                }
+            }
+            Body::ReadReq { addr, rkey, len } => {
+                if let Some(segs) =
+                    ops.resolve_remote(qpn, *rkey, *addr, *len, abi::ACCESS_REMOTE_READ)
+                {
+                    let payload = Payload::Guest {
+                        mem: ops.memory().clone(),
+                        segs: Arc::new(segs),
+                    };
+                    self.reply(&pkt, pkt.psn, Body::ReadResp { payload });
+                }
+            }
+            _ => {
+                let msn = qp.msn;
+                let last = psn::add(pkt.psn, npsn - 1);
+                self.reply(
+                    &pkt,
+                    last,
+                    Body::Ack {
+                        syndrome: Syndrome::Ack,
+                        msn,
+                    },
+                );
+            }
+        }
+    }
+
+    fn receive_ud(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
+        let qpn = pkt.dst_qpn;
+        let Some(qp) = self.qps.get(&qpn) else {
+            return;
+        };
+        let Body::Ud {
+            qkey,
+            imm,
+            solicited,
+            payload,
+        } = &pkt.body
+        else {
+            return;
+        };
+        if qp.info.qp_type != abi::QPT_UD
+            || !matches!(qp.info.state, abi::QPS_RTR | abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE)
+            || *qkey != qp.info.qkey
+        {
+            return;
+        }
+        let recv = match ops.take_recv(qpn) {
+            TakeRecv::Wr(r) => r,
+            // Unreliable: no receive, no delivery.
+            TakeRecv::Empty | TakeRecv::Bad => return,
+        };
+        let total = abi::GRH_SIZE as u64 + payload.len();
+        if total > recv.len {
+            ops.complete_recv(qpn, recv_completion(recv.wr_id, abi::WC_LOC_LEN_ERR));
+            return;
+        }
+        let grh = build_grh(&pkt, payload.len());
+        let mem = ops.memory().clone();
+        mr::write_segs(&mem, &recv.segs, &grh);
+        let tail = split_segs(&recv.segs, abi::GRH_SIZE as u64);
+        payload.copy_to(&mem, &tail);
+        ops.complete_recv(
+            qpn,
+            Completion {
+                wr_id: recv.wr_id,
+                status: abi::WC_SUCCESS,
+                opcode: abi::WC_OP_RECV,
+                byte_len: total as u32,
+                imm: *imm,
+                src_qp: pkt.src_qpn,
+                grh: true,
+                solicited: *solicited,
+                ..Default::default()
+            },
+        );
+    }
+
+    // ---- completer --------------------------------------------------------------------------
+
+    /// Retires SEND/WRITE ops whose last PSN is at or before `upto` (an ACK for a later PSN
+    /// acknowledges them too). Stops at READ/atomic ops, which need their own response.
+    fn retire_acked(&mut self, ops: &mut dyn DeviceOps, qpn: u32, upto: u32, inclusive: bool) {
+        loop {
+            let Some(qp) = self.qps.get_mut(&qpn) else {
+                return;
+            };
+            let Some(front) = qp.ops.front() else {
+                return;
+            };
+            let d = psn::diff(front.last_psn(), upto);
+            let covered = if inclusive { d <= 0 } else { d < 0 };
+            if !front.sent || front.is_rd_atomic() || !covered {
+                return;
+            }
+            let op = qp.ops.pop_front().expect("front exists");
+            qp.retry_left = qp.info.retry_cnt;
+            qp.rnr_left = qp.info.rnr_retry;
+            Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
+        }
+    }
+
+    fn complete(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
+        let qpn = pkt.dst_qpn;
+        let Some(qp) = self.qps.get(&qpn) else {
+            return;
+        };
+        if qp.info.qp_type != abi::QPT_RC
+            || !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE)
+            || pkt.src != qp.info.dest_gid
+            || pkt.src_qpn != qp.info.dest_qpn
+        {
+            return;
+        }
+        match pkt.body {
+            Body::Ack {
+                syndrome: Syndrome::Ack,
+                ..
+            } => self.retire_acked(ops, qpn, pkt.psn, true),
+            Body::Ack { syndrome, .. } => {
+                // Everything before the NAKed PSN was received.
+                self.retire_acked(ops, qpn, pkt.psn, false);
+                let Some(qp) = self.qps.get_mut(&qpn) else {
+                    return;
+                };
+                let Some(idx) = qp
+                    .ops
+                    .iter()
+                    .position(|o| o.sent && psn::diff(o.last_psn(), pkt.psn) >= 0)
+                else {
+                    return;
+                };
+                if idx != 0 || psn::diff(qp.ops[0].psn, pkt.psn) > 0 {
+                    return; // Stale NAK.
+                }
+                match syndrome {
+                    Syndrome::RnrNak(t) => {
+                        if qp.rnr_left == 0 {
+                            self.fail_head(ops, qpn, abi::WC_RNR_RETRY_EXC_ERR, 0);
+                            return;
+                        }
+                        if qp.info.rnr_retry != 7 {
+                            qp.rnr_left -= 1;
+                        }
+                        for o in qp.ops.iter_mut() {
+                            o.sent = false;
+                        }
+                        qp.rnr_wait = true;
+                        let at = Instant::now() + Duration::from_micros(rnr_timer_us(t));
+                        self.arm_timer(qpn, at);
+                        return;
+                    }
+                    Syndrome::NakSeq => {
+                        for o in qp.ops.iter_mut() {
+                            o.sent = false;
+                        }
+                        qp.deadline = None;
+                    }
+                    Syndrome::NakAccess => {
+                        self.fail_head(ops, qpn, abi::WC_REM_ACCESS_ERR, 0);
+                        return;
+                    }
+                    Syndrome::NakInvalid => {
+                        self.fail_head(ops, qpn, abi::WC_REM_INV_REQ_ERR, 0);
+                        return;
+                    }
+                    Syndrome::NakOperational | Syndrome::Ack => {
+                        self.fail_head(ops, qpn, abi::WC_REM_OP_ERR, 0);
+                        return;
+                    }
+                }
+            }
+            Body::ReadResp { ref payload } => {
+                self.retire_acked(ops, qpn, pkt.psn, false);
+                let Some(qp) = self.qps.get_mut(&qpn) else {
+                    return;
+                };
+                let matches = qp.ops.front().is_some_and(|o| {
+                    o.sent && o.wr.opcode == abi::WR_RDMA_READ && o.psn == pkt.psn
+                });
+                if !matches {
+                    return;
+                }
+                let op = qp.ops.pop_front().expect("front exists");
+                qp.retry_left = qp.info.retry_cnt;
+                payload.copy_to(ops.memory(), &op.wr.local);
+                Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
+            }
+            Body::AtomicAck { orig } => {
+                self.retire_acked(ops, qpn, pkt.psn, false);
+                let Some(qp) = self.qps.get_mut(&qpn) else {
+                    return;
+                };
+                let matches = qp
+                    .ops
+                    .front()
+                    .is_some_and(|o| o.sent && o.is_rd_atomic() && o.psn == pkt.psn);
+                if !matches {
+                    return;
+                }
+                let op = qp.ops.pop_front().expect("front exists");
+                qp.retry_left = qp.info.retry_cnt;
+                mr::write_segs(ops.memory(), &op.wr.local, &orig.to_le_bytes());
+                Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
+            }
+            _ => return,
+        }
+        // Progress: restart the ACK timer for what is still in flight, then send more.
+        if let Some(qp) = self.qps.get_mut(&qpn) {
+            qp.deadline = None;
+            let inflight = qp.ops.iter().any(|o| o.sent);
+            if inflight {
+                if let Some(us) = ack_timeout_us(qp.info.timeout) {
+                    self.arm_timer(qpn, Instant::now() + Duration::from_micros(us));
+                }
+            }
+        }
+        self.pump(ops, qpn);
+    }
+
+    fn expire(&mut self, ops: &mut dyn DeviceOps, now: Instant) {
+        let due: Vec<u32> = self
+            .timed
+            .iter()
+            .copied()
+            .filter(|q| {
+                self.qps
+                    .get(q)
+                    .and_then(|qp| qp.deadline)
+                    .is_some_and(|d| d <= now)
+            })
+            .collect();
+        for qpn in due {
+            let Some(qp) = self.qps.get_mut(&qpn) else {
+                continue;
+            };
+            qp.deadline = None;
+            if qp.rnr_wait {
+                qp.rnr_wait = false;
+            } else {
+                if !qp.ops.iter().any(|o| o.sent) {
+                    continue;
+                }
+                if qp.retry_left == 0 {
+                    self.fail_head(ops, qpn, abi::WC_RETRY_EXC_ERR, 0);
+                    continue;
+                }
+                qp.retry_left -= 1;
+                for o in qp.ops.iter_mut() {
+                    o.sent = false;
+                }
+            }
+            self.pump(ops, qpn);
+        }
+        let qps = &self.qps;
+        self.timed
+            .retain(|q| qps.get(q).is_some_and(|qp| qp.deadline.is_some()));
+    }
+
+    fn reschedule(&mut self) {
+        let next = self
+            .timed
+            .iter()
+            .filter_map(|q| self.qps.get(q).and_then(|qp| qp.deadline))
+            .min();
+        if let Some(at) = next {
+            let stale = self.scheduled.is_none_or(|s| at < s || s <= Instant::now());
+            if stale {
+                self.scheduled = Some(at);
+                self.port.fabric().schedule(&self.port, at);
+            }
+        }
+    }
+}
+
+fn nak(s: Syndrome) -> Body {
+    Body::Ack { syndrome: s, msn: 0 }
+}
+
+fn recv_completion(wr_id: u64, status: u8) -> Completion {
+    Completion {
+        wr_id,
+        status,
+        opcode: abi::WC_OP_RECV,
+        ..Default::default()
+    }
+}
+
+fn payload_of(mem: &Arc<crate::GuestMemoryMmap>, wr: &SendWr) -> Payload {
+    match &wr.inline {
+        Some(b) => Payload::Bytes(Arc::new(b.clone())),
+        None if wr.local.is_empty() => Payload::Empty,
+        None => Payload::Guest {
+            mem: mem.clone(),
+            segs: Arc::new(wr.local.clone()),
+        },
+    }
+}
+
+fn build_request(mem: &Arc<crate::GuestMemoryMmap>, info: &QpInfo, op: &ReqOp) -> Packet {
+    let wr = &op.wr;
+    let solicited = wr.flags & abi::SEND_F_SOLICITED != 0;
+    let body = match wr.opcode {
+        abi::WR_SEND | abi::WR_SEND_WITH_IMM => Body::Send {
+            imm: wr.imm,
+            solicited,
+            payload: payload_of(mem, wr),
+        },
+        abi::WR_RDMA_WRITE | abi::WR_RDMA_WRITE_WITH_IMM => Body::Write {
+            addr: wr.remote_addr,
+            rkey: wr.rkey,
+            imm: wr.imm,
+            solicited,
+            payload: payload_of(mem, wr),
+        },
+        abi::WR_RDMA_READ => Body::ReadReq {
+            addr: wr.remote_addr,
+            rkey: wr.rkey,
+            len: wr.len,
+        },
+        abi::WR_ATOMIC_CMP_AND_SWP => Body::Atomic {
+            addr: wr.remote_addr,
+            rkey: wr.rkey,
+            op: AtomicOp::CmpSwap {
+                compare: wr.compare_add,
+                swap: wr.swap,
+            },
+        },
+        _ => Body::Atomic {
+            addr: wr.remote_addr,
+            rkey: wr.rkey,
+            op: AtomicOp::FetchAdd {
+                add: wr.compare_add,
+            },
+        },
+    };
+    Packet {
+        src: Default::default(),
+        dst: info.dest_gid,
+        src_qpn: info.qpn,
+        dst_qpn: info.dest_qpn,
+        psn: op.psn,
+        body,
+    }
+}
+
+fn execute_atomic(ops: &mut dyn DeviceOps, segs: &[Seg], op: AtomicOp) -> Option<u64> {
+    let seg = segs.first().filter(|s| segs.len() == 1 && s.len == 8)?;
+    let mem = ops.memory();
+    let slice = mem.get_slice(GuestAddress(seg.gpa), 8).ok()?;
+    let cell = slice.get_atomic_ref::<AtomicU64>(0).ok()?;
+    let orig = match op {
+        AtomicOp::CmpSwap { compare, swap } => {
+            match cell.compare_exchange(compare, swap, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            }
+        }
+        AtomicOp::FetchAdd { add } => cell.fetch_add(add, Ordering::SeqCst),
+    };
+    // Atomic references bypass the dirty bitmap: record the write for migration ourselves.
+    slice.bitmap().mark_dirty(0, 8);
+    Some(orig)
+}
+
+fn build_grh(pkt: &Packet, payload_len: u64) -> [u8; 40] {
+    let mut g = [0u8; 40];
+    g[0] = 0x60; // IPv6 version; traffic class and flow label zero.
+    g[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    g[6] = 0x1b; // next header: IB BTH
+    g[7] = 64; // hop limit
+    g[8..24].copy_from_slice(&pkt.src.raw);
+    g[24..40].copy_from_slice(&pkt.dst.raw);
+    g
+}
+
+/// The part of `segs` after the first `skip` bytes.
+pub(crate) fn split_segs(segs: &[Seg], mut skip: u64) -> Vec<Seg> {
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs {
+        if skip >= s.len {
+            skip -= s.len;
+            continue;
+        }
+        out.push(Seg {
+            gpa: s.gpa + skip,
+            len: s.len - skip,
+        });
+        skip = 0;
+    }
+    out
+}
+
+impl Backend for SoftBackend {
+    fn create_qp(&mut self, info: &QpInfo) {
+        self.qps.insert(info.qpn, SoftQp::new(*info));
+    }
+
+    fn modify_qp(&mut self, ops: &mut dyn DeviceOps, info: &QpInfo, prev_state: u32) {
+        let qpn = info.qpn;
+        let Some(qp) = self.qps.get_mut(&qpn) else {
+            return;
+        };
+        qp.info = *info;
+        match info.state {
+            abi::QPS_RESET => {
+                *qp = SoftQp::new(*info);
+            }
+            abi::QPS_ERR => {
+                if prev_state != abi::QPS_ERR {
+                    self.flush_ops(ops, qpn);
+                }
+            }
+            abi::QPS_RTR if prev_state == abi::QPS_INIT => {
+                qp.epsn = info.rq_psn;
+            }
+            abi::QPS_RTS => {
+                if prev_state == abi::QPS_RTR {
+                    qp.next_psn = info.sq_psn;
+                    qp.retry_left = info.retry_cnt;
+                    qp.rnr_left = info.rnr_retry;
+                }
+                self.pump(ops, qpn);
+            }
+            _ => {}
+        }
+    }
+
+    fn destroy_qp(&mut self, qpn: u32) {
+        self.qps.remove(&qpn);
+        self.timed.remove(&qpn);
+    }
+
+    fn post_send(&mut self, ops: &mut dyn DeviceOps, qpn: u32, wr: SendWr) {
+        let Some(qp) = self.qps.get_mut(&qpn) else {
+            return;
+        };
+        if qp.info.qp_type == abi::QPT_UD {
+            self.post_ud(ops, qpn, wr);
+            return;
+        }
+        let npsn = if wr.error.is_some() {
+            0
+        } else if matches!(
+            wr.opcode,
+            abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD
+        ) {
+            1
+        } else {
+            qp.npsn(wr.len)
+        };
+        let psn_first = qp.next_psn;
+        qp.next_psn = psn::add(qp.next_psn, npsn);
+        qp.ops.push_back(ReqOp {
+            wr,
+            psn: psn_first,
+            npsn,
+            sent: false,
+        });
+        self.pump(ops, qpn);
+        self.reschedule();
+    }
+
+    fn process(&mut self, ops: &mut dyn DeviceOps, now: Instant) {
+        for pkt in self.port.drain() {
+            self.handle(ops, pkt);
+        }
+        self.expire(ops, now);
+        self.reschedule();
+    }
+
+    fn outstanding(&self, qpn: u32) -> usize {
+        self.qps.get(&qpn).map_or(0, |q| q.ops.len())
+    }
+}

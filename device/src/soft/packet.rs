@@ -1,0 +1,227 @@
+//! Packets of the soft fabric. They mirror RoCEv2 (BTH with PSN, RETH, AETH, AtomicETH,
+//! ImmDt) at message granularity: a message of `n` MTU-sized packets carries its first PSN and
+//! occupies `n` PSNs, exactly as it will on the wire.
+
+use std::sync::Arc;
+
+use vrdma_abi::Gid;
+
+use crate::mr::{self, Seg};
+use crate::GuestMemoryMmap;
+
+/// 24-bit PSN arithmetic.
+pub mod psn {
+    /// PSN mask.
+    pub const MASK: u32 = 0xff_ffff;
+
+    /// `a + n` modulo 2^24.
+    pub fn add(a: u32, n: u32) -> u32 {
+        a.wrapping_add(n) & MASK
+    }
+
+    /// Signed distance `a - b` in the 24-bit circle (-2^23 .. 2^23).
+    pub fn diff(a: u32, b: u32) -> i32 {
+        ((a.wrapping_sub(b) & MASK) << 8) as i32 >> 8
+    }
+}
+
+/// Where a payload's bytes are.
+#[derive(Clone)]
+pub enum Payload {
+    /// No data.
+    Empty,
+    /// Bytes carried in the packet (inline data, or bytes from a wire).
+    Bytes(Arc<Vec<u8>>),
+    /// Segments of the sender's guest memory: the receiver copies straight from them.
+    Guest {
+        /// The sender's guest memory.
+        mem: Arc<GuestMemoryMmap>,
+        /// Segments, in order.
+        segs: Arc<Vec<Seg>>,
+    },
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Payload::Empty => write!(f, "Empty"),
+            Payload::Bytes(b) => write!(f, "Bytes({})", b.len()),
+            Payload::Guest { segs, .. } => write!(f, "Guest({:?})", segs),
+        }
+    }
+}
+
+impl Payload {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Empty => 0,
+            Payload::Bytes(b) => b.len() as u64,
+            Payload::Guest { segs, .. } => mr::total_len(segs),
+        }
+    }
+
+    /// Whether it carries no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the payload into `dst` segments of `mem`; returns the bytes copied.
+    pub fn copy_to(&self, mem: &GuestMemoryMmap, dst: &[Seg]) -> u64 {
+        match self {
+            Payload::Empty => 0,
+            Payload::Bytes(b) => mr::write_segs(mem, dst, b),
+            Payload::Guest { mem: src, segs } => mr::copy_between(src, segs, mem, dst),
+        }
+    }
+
+    /// The payload as bytes (small payloads only: GRH building, atomics, tests).
+    pub fn to_vec(&self) -> Vec<u8> {
+        match self {
+            Payload::Empty => Vec::new(),
+            Payload::Bytes(b) => b.as_ref().clone(),
+            Payload::Guest { mem, segs } => {
+                let mut v = Vec::new();
+                mr::read_segs(mem, segs, &mut v);
+                v
+            }
+        }
+    }
+}
+
+/// AETH syndromes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Syndrome {
+    /// Positive ACK.
+    Ack,
+    /// Receiver not ready; retry after the given RNR timer code.
+    RnrNak(u8),
+    /// PSN sequence error: resend from the PSN.
+    NakSeq,
+    /// Invalid request.
+    NakInvalid,
+    /// Remote access error.
+    NakAccess,
+    /// Remote operational error.
+    NakOperational,
+}
+
+/// Atomic operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtomicOp {
+    /// Compare and swap.
+    CmpSwap {
+        /// Compare value.
+        compare: u64,
+        /// Swap value.
+        swap: u64,
+    },
+    /// Fetch and add.
+    FetchAdd {
+        /// Addend.
+        add: u64,
+    },
+}
+
+/// Packet body.
+#[derive(Clone, Debug)]
+pub enum Body {
+    /// SEND (with optional immediate).
+    Send {
+        /// Immediate data.
+        imm: Option<u32>,
+        /// Solicited event.
+        solicited: bool,
+        /// Data.
+        payload: Payload,
+    },
+    /// RDMA WRITE (with optional immediate).
+    Write {
+        /// Remote address.
+        addr: u64,
+        /// Remote key.
+        rkey: u32,
+        /// Immediate data.
+        imm: Option<u32>,
+        /// Solicited event.
+        solicited: bool,
+        /// Data.
+        payload: Payload,
+    },
+    /// RDMA READ request.
+    ReadReq {
+        /// Remote address.
+        addr: u64,
+        /// Remote key.
+        rkey: u32,
+        /// Bytes.
+        len: u64,
+    },
+    /// Atomic request.
+    Atomic {
+        /// Remote address.
+        addr: u64,
+        /// Remote key.
+        rkey: u32,
+        /// Operation.
+        op: AtomicOp,
+    },
+    /// ACK or NAK for `psn` (everything up to it, for a positive ACK).
+    Ack {
+        /// Syndrome.
+        syndrome: Syndrome,
+        /// Message sequence number.
+        msn: u32,
+    },
+    /// READ response (the whole message: first PSN in the header).
+    ReadResp {
+        /// Data.
+        payload: Payload,
+    },
+    /// Atomic acknowledge with the original value.
+    AtomicAck {
+        /// Value before the operation.
+        orig: u64,
+    },
+    /// UD datagram.
+    Ud {
+        /// Q_Key.
+        qkey: u32,
+        /// Immediate data.
+        imm: Option<u32>,
+        /// Solicited event.
+        solicited: bool,
+        /// Data.
+        payload: Payload,
+    },
+}
+
+/// A packet between two ports.
+#[derive(Clone, Debug)]
+pub struct Packet {
+    /// Source GID.
+    pub src: Gid,
+    /// Destination GID.
+    pub dst: Gid,
+    /// Source QPN.
+    pub src_qpn: u32,
+    /// Destination QPN.
+    pub dst_qpn: u32,
+    /// First PSN of the message (requests) or PSN acknowledged (responses).
+    pub psn: u32,
+    /// Body.
+    pub body: Body,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::psn;
+
+    #[test]
+    fn psn_wraps() {
+        assert_eq!(psn::add(psn::MASK, 1), 0);
+        assert_eq!(psn::diff(0, psn::MASK), 1);
+        assert_eq!(psn::diff(psn::MASK, 0), -1);
+        assert_eq!(psn::diff(5, 3), 2);
+    }
+}
