@@ -149,8 +149,14 @@ pub trait DeviceOps {
     fn qp_info(&self, qpn: u32) -> Option<QpInfo>;
     /// Checks an inbound remote access against the QP's PD and access flags and the MR named by
     /// `rkey`; returns the guest segments on success.
-    fn resolve_remote(&self, qpn: u32, rkey: u32, addr: u64, len: u64, access: u32)
-        -> Option<Vec<Seg>>;
+    fn resolve_remote(
+        &self,
+        qpn: u32,
+        rkey: u32,
+        addr: u64,
+        len: u64,
+        access: u32,
+    ) -> Option<Vec<Seg>>;
     /// Takes the next receive WQE of the QP.
     fn take_recv(&mut self, qpn: u32) -> TakeRecv;
     /// A send WR finished. A CQE is written if `signaled` or the status is an error.

@@ -181,7 +181,10 @@ impl State {
                     .pds
                     .insert(Pd::default())
                     .ok_or(abi::STATUS_NO_RESOURCE)?;
-                Ok(bytes_of(abi::RespHandle { handle: h, extra: 0 }))
+                Ok(bytes_of(abi::RespHandle {
+                    handle: h,
+                    extra: 0,
+                }))
             }
             abi::CMD_DESTROY_PD => {
                 let c: abi::CmdHandle = req.obj()?;
@@ -198,7 +201,11 @@ impl State {
             }
             abi::CMD_DEREG_MR => {
                 let c: abi::CmdHandle = req.obj()?;
-                let mr = self.core.mrs.remove(c.handle).ok_or(abi::STATUS_BAD_HANDLE)?;
+                let mr = self
+                    .core
+                    .mrs
+                    .remove(c.handle)
+                    .ok_or(abi::STATUS_BAD_HANDLE)?;
                 self.core.total_mr_pages -= mr.pages.len() as u64;
                 if let Some(pd) = self.core.pds.get_mut(mr.pd) {
                     pd.refs -= 1;
@@ -258,11 +265,18 @@ impl State {
                 if let Some(pd) = self.core.pds.get_mut(c.pd) {
                     pd.refs += 1;
                 }
-                Ok(bytes_of(abi::RespHandle { handle: h, extra: 0 }))
+                Ok(bytes_of(abi::RespHandle {
+                    handle: h,
+                    extra: 0,
+                }))
             }
             abi::CMD_DESTROY_AH => {
                 let c: abi::CmdHandle = req.obj()?;
-                let ah = self.core.ahs.remove(c.handle).ok_or(abi::STATUS_BAD_HANDLE)?;
+                let ah = self
+                    .core
+                    .ahs
+                    .remove(c.handle)
+                    .ok_or(abi::STATUS_BAD_HANDLE)?;
                 if let Some(pd) = self.core.pds.get_mut(ah.pd) {
                     pd.refs -= 1;
                 }
@@ -291,7 +305,7 @@ impl State {
             return Err(abi::STATUS_INVALID);
         }
         let mem = self.core.memory().clone();
-        if c.gpa % abi::VRDMA_PAGE_SIZE != 0 || !mr::in_one_region(&mem, c.gpa, size) {
+        if !c.gpa.is_multiple_of(abi::VRDMA_PAGE_SIZE) || !mr::in_one_region(&mem, c.gpa, size) {
             return Err(abi::STATUS_BAD_ADDRESS);
         }
         self.core.db_gpa = Some(c.gpa);
@@ -353,8 +367,8 @@ impl State {
         let (max_cqe, max_pages) = (cfg.max_cqe, cfg.max_ring_pages);
         let pages = req.pages(c.npages)?;
         let mem = self.core.memory().clone();
-        let ring = Ring::new(&mem, pages, c.depth, abi::CQE_SIZE, max_cqe, max_pages)
-            .map_err(page_err)?;
+        let ring =
+            Ring::new(&mem, pages, c.depth, abi::CQE_SIZE, max_cqe, max_pages).map_err(page_err)?;
         ring.set_prod(&mem, 0);
         let cq = Cq {
             ring,
@@ -401,8 +415,12 @@ impl State {
         if self.core.qps.len() >= cfg.max_qp {
             return Err(abi::STATUS_NO_RESOURCE);
         }
-        let (max_wr, max_pages, max_sge, max_inline) =
-            (cfg.max_qp_wr, cfg.max_ring_pages, cfg.max_sge, cfg.max_inline);
+        let (max_wr, max_pages, max_sge, max_inline) = (
+            cfg.max_qp_wr,
+            cfg.max_ring_pages,
+            cfg.max_sge,
+            cfg.max_inline,
+        );
         let sq_pages = req.pages(c.sq_npages)?;
         let rq_pages = req.pages(c.rq_npages)?;
         let mem = self.core.memory().clone();
@@ -443,7 +461,12 @@ impl State {
                 cq.refs += 1;
             }
         }
-        let info = self.core.qps.get(qpn).map(|q| q.info(qpn)).unwrap_or_default();
+        let info = self
+            .core
+            .qps
+            .get(qpn)
+            .map(|q| q.info(qpn))
+            .unwrap_or_default();
         self.backend.create_qp(&info);
         Ok(bytes_of(abi::RespCreateQp { qpn, ..resp }))
     }

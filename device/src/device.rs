@@ -96,18 +96,36 @@ impl DeviceConfig {
             }
         };
         // Handles carry a 24-bit index at most (QPNs are 24 bits with an 8-bit key byte).
-        check((1..=0xffff).contains(&self.max_qp), "max_qp must be 1..=65535")?;
-        check((1..=0xffff).contains(&self.max_cq), "max_cq must be 1..=65535")?;
+        check(
+            (1..=0xffff).contains(&self.max_qp),
+            "max_qp must be 1..=65535",
+        )?;
+        check(
+            (1..=0xffff).contains(&self.max_cq),
+            "max_cq must be 1..=65535",
+        )?;
         check((1..=0xff_ffff).contains(&self.max_mr), "max_mr")?;
         check((1..=0xff_ffff).contains(&self.max_pd), "max_pd")?;
         check((1..=0xff_ffff).contains(&self.max_ah), "max_ah")?;
-        check(self.max_qp_wr.is_power_of_two() && self.max_qp_wr <= 1 << 15, "max_qp_wr")?;
-        check(self.max_cqe.is_power_of_two() && self.max_cqe <= 1 << 22, "max_cqe")?;
+        check(
+            self.max_qp_wr.is_power_of_two() && self.max_qp_wr <= 1 << 15,
+            "max_qp_wr",
+        )?;
+        check(
+            self.max_cqe.is_power_of_two() && self.max_cqe <= 1 << 22,
+            "max_cqe",
+        )?;
         check((1..=255).contains(&self.max_sge), "max_sge")?;
-        check(self.max_inline <= abi::MAX_STRIDE - abi::SEND_WQE_HDR, "max_inline")?;
+        check(
+            self.max_inline <= abi::MAX_STRIDE - abi::SEND_WQE_HDR,
+            "max_inline",
+        )?;
         check((1..=255).contains(&self.max_qp_rd_atom), "max_qp_rd_atom")?;
         check(self.max_mr_pages >= 1, "max_mr_pages")?;
-        check((1..=1 << 16).contains(&self.max_ring_pages), "max_ring_pages")?;
+        check(
+            (1..=1 << 16).contains(&self.max_ring_pages),
+            "max_ring_pages",
+        )?;
         Ok(())
     }
 
@@ -225,7 +243,11 @@ impl Vrdma {
 
     /// Writes to the config space are ignored: it is read-only.
     pub fn write_config(&self, offset: u64, data: &[u8]) {
-        tracing::debug!(offset, len = data.len(), "ignored write to read-only config space");
+        tracing::debug!(
+            offset,
+            len = data.len(),
+            "ignored write to read-only config space"
+        );
     }
 
     /// Activates the device (the driver set DRIVER_OK).

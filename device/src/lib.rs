@@ -15,11 +15,11 @@
 //! semantics, copying data once, straight from one guest's memory into the other's.
 #![deny(missing_docs)]
 
+pub mod backend;
+mod ctrl;
 pub mod device;
 pub mod error;
 pub mod interrupt;
-pub mod backend;
-mod ctrl;
 pub mod mr;
 pub mod qp;
 pub mod ring;

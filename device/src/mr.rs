@@ -137,15 +137,16 @@ impl Mr {
     /// Appends the guest segments backing `[addr, addr + len)` to `out`. Returns false (and
     /// appends nothing) if the range is not wholly inside the MR.
     pub fn resolve(&self, addr: u64, len: u64, out: &mut Vec<Seg>) -> bool {
+        if len == 0 {
+            // A zero-length SGE transfers nothing: its address is not checked.
+            return true;
+        }
         let Some(off) = addr.checked_sub(self.iova) else {
             return false;
         };
         match off.checked_add(len) {
             Some(end) if end <= self.length => {}
             _ => return false,
-        }
-        if len == 0 {
-            return true;
         }
         let mut i = self.runs.partition_point(|r| r.off + r.len <= off);
         let (mut off, mut left) = (off, len);
@@ -237,7 +238,10 @@ pub fn read_segs(mem: &GuestMemoryMmap, src: &[Seg], out: &mut Vec<u8>) {
     for s in src {
         let start = out.len();
         out.resize(start + s.len as usize, 0);
-        if mem.read_slice(&mut out[start..], GuestAddress(s.gpa)).is_err() {
+        if mem
+            .read_slice(&mut out[start..], GuestAddress(s.gpa))
+            .is_err()
+        {
             out.truncate(start);
             return;
         }
@@ -258,8 +262,11 @@ mod tests {
     use super::*;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(2 << 20), 1 << 20)])
-            .unwrap()
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(2 << 20), 1 << 20),
+        ])
+        .unwrap()
     }
 
     #[test]
@@ -273,8 +280,14 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Seg { gpa: 0x3064, len: 4096 - 100 },
-                Seg { gpa: 0x1000, len: 4096 + 100 },
+                Seg {
+                    gpa: 0x3064,
+                    len: 4096 - 100
+                },
+                Seg {
+                    gpa: 0x1000,
+                    len: 4096 + 100
+                },
             ]
         );
         assert_eq!(total_len(&out), 8192);
@@ -302,7 +315,10 @@ mod tests {
             Mr::new(&m, 1, 0, 0, 4096, 12, vec![0x1000, 0x2000]),
             Err(PageListError::Invalid)
         );
-        assert_eq!(Mr::new(&m, 1, 0, 0, 0, 12, vec![]), Err(PageListError::Invalid));
+        assert_eq!(
+            Mr::new(&m, 1, 0, 0, 0, 12, vec![]),
+            Err(PageListError::Invalid)
+        );
         assert_eq!(
             Mr::new(&m, 1, 0, u64::MAX, 2, 12, vec![0]),
             Err(PageListError::Invalid)
@@ -311,8 +327,9 @@ mod tests {
 
     #[test]
     fn contiguous_pages_do_not_merge_across_regions() {
-        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096), (GuestAddress(4096), 4096)])
-            .unwrap();
+        let m =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096), (GuestAddress(4096), 4096)])
+                .unwrap();
         let mr = Mr::new(&m, 1, 0, 0, 8192, 12, vec![0, 4096]).unwrap();
         let mut out = vec![];
         assert!(mr.resolve(0, 8192, &mut out));
@@ -329,10 +346,25 @@ mod tests {
         let b = mem();
         let data: Vec<u8> = (0..10000u32).map(|i| (i * 7 + 3) as u8).collect();
         a.write_slice(&data, GuestAddress(0x5000)).unwrap();
-        let src = [Seg { gpa: 0x5000, len: 3000 }, Seg { gpa: 0x5000 + 3000, len: 7000 }];
+        let src = [
+            Seg {
+                gpa: 0x5000,
+                len: 3000,
+            },
+            Seg {
+                gpa: 0x5000 + 3000,
+                len: 7000,
+            },
+        ];
         let dst = [
-            Seg { gpa: 0x9000, len: 5000 },
-            Seg { gpa: 0x20_0000, len: 5000 },
+            Seg {
+                gpa: 0x9000,
+                len: 5000,
+            },
+            Seg {
+                gpa: 0x20_0000,
+                len: 5000,
+            },
         ];
         assert_eq!(copy_between(&a, &src, &b, &dst), 10000);
         let mut out = vec![];

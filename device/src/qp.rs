@@ -81,8 +81,7 @@ pub fn apply_modify(
         return Err(ModifyError::Invalid);
     }
     // Value checks.
-    let bad = (mask & QP_ATTR_ACCESS_FLAGS != 0
-        && attr.qp_access_flags & !(ACCESS_ALL) != 0)
+    let bad = (mask & QP_ATTR_ACCESS_FLAGS != 0 && attr.qp_access_flags & !(ACCESS_ALL) != 0)
         || (mask & QP_ATTR_PORT != 0 && attr.port_num != 1)
         || (mask & QP_ATTR_PKEY_INDEX != 0 && attr.pkey_index != 0)
         || (mask & QP_ATTR_PATH_MTU != 0 && mtu_bytes(attr.path_mtu) == 0)
@@ -94,8 +93,7 @@ pub fn apply_modify(
         || (mask & QP_ATTR_SQ_PSN != 0 && attr.sq_psn > 0xff_ffff)
         || (mask & QP_ATTR_DEST_QPN != 0 && attr.dest_qp_num > 0xff_ffff)
         || (mask & QP_ATTR_MAX_QP_RD_ATOMIC != 0 && attr.max_rd_atomic as u32 > max_rd_atom)
-        || (mask & QP_ATTR_MAX_DEST_RD_ATOMIC != 0
-            && attr.max_dest_rd_atomic as u32 > max_rd_atom)
+        || (mask & QP_ATTR_MAX_DEST_RD_ATOMIC != 0 && attr.max_dest_rd_atomic as u32 > max_rd_atom)
         || (mask & QP_ATTR_AV != 0 && attr.ah_attr.sgid_index != 0);
     if bad {
         return Err(ModifyError::Invalid);
@@ -132,9 +130,9 @@ pub fn apply_modify(
 /// RNR NAK timer code → microseconds (IB spec table 45).
 pub fn rnr_timer_us(code: u8) -> u64 {
     const T: [u64; 32] = [
-        655_360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920, 2560,
-        3840, 5120, 7680, 10240, 15360, 20480, 30720, 40960, 61440, 81920, 122_880, 163_840,
-        245_760, 327_680, 491_520,
+        655_360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920, 2560, 3840,
+        5120, 7680, 10240, 15360, 20480, 30720, 40960, 61440, 81920, 122_880, 163_840, 245_760,
+        327_680, 491_520,
     ];
     T[(code & 31) as usize]
 }
@@ -156,7 +154,10 @@ mod tests {
             qp_access_flags: ACCESS_REMOTE_WRITE,
             ..Default::default()
         };
-        (QP_ATTR_STATE | QP_ATTR_PKEY_INDEX | QP_ATTR_PORT | QP_ATTR_ACCESS_FLAGS, a)
+        (
+            QP_ATTR_STATE | QP_ATTR_PKEY_INDEX | QP_ATTR_PORT | QP_ATTR_ACCESS_FLAGS,
+            a,
+        )
     }
 
     #[test]
@@ -181,11 +182,17 @@ mod tests {
             | QP_ATTR_RQ_PSN
             | QP_ATTR_MAX_DEST_RD_ATOMIC;
         // Missing MIN_RNR_TIMER.
-        assert_eq!(apply_modify(QPT_RC, &mut cur, m, &rtr, 16), Err(ModifyError::Invalid));
+        assert_eq!(
+            apply_modify(QPT_RC, &mut cur, m, &rtr, 16),
+            Err(ModifyError::Invalid)
+        );
         apply_modify(QPT_RC, &mut cur, m | QP_ATTR_MIN_RNR_TIMER, &rtr, 16).unwrap();
         assert_eq!(cur.dest_qp_num, 0x123);
         // RTR → RESET → RTS is not allowed.
-        let rts = QpAttr { qp_state: QPS_RTS, ..Default::default() };
+        let rts = QpAttr {
+            qp_state: QPS_RTS,
+            ..Default::default()
+        };
         let mut reset = cur;
         reset.qp_state = QPS_RESET;
         assert_eq!(
@@ -199,13 +206,19 @@ mod tests {
         let mut cur = QpAttr::default();
         let (m, mut a) = rc_init();
         a.port_num = 2;
-        assert_eq!(apply_modify(QPT_RC, &mut cur, m, &a, 16), Err(ModifyError::Invalid));
+        assert_eq!(
+            apply_modify(QPT_RC, &mut cur, m, &a, 16),
+            Err(ModifyError::Invalid)
+        );
         let (m, a) = rc_init();
         assert_eq!(
             apply_modify(QPT_RC, &mut cur, m | (1 << 30), &a, 16),
             Err(ModifyError::Invalid)
         );
-        let bad = QpAttr { qp_state: 99, ..Default::default() };
+        let bad = QpAttr {
+            qp_state: 99,
+            ..Default::default()
+        };
         assert_eq!(
             apply_modify(QPT_RC, &mut cur, QP_ATTR_STATE, &bad, 16),
             Err(ModifyError::Invalid)

@@ -208,7 +208,10 @@ impl Core {
 
     fn read_sges(mem: &GuestMemoryMmap, at: u64, n: usize) -> Option<Vec<abi::Sge>> {
         (0..n as u64)
-            .map(|i| mem.read_obj::<abi::Sge>(GuestAddress(at + i * abi::SGE_SIZE as u64)).ok())
+            .map(|i| {
+                mem.read_obj::<abi::Sge>(GuestAddress(at + i * abi::SGE_SIZE as u64))
+                    .ok()
+            })
             .collect()
     }
 
@@ -227,8 +230,11 @@ impl Core {
             opcode: w.opcode,
             flags: w.flags,
             signaled: w.flags & abi::SEND_F_SIGNALED != 0 || qp.sq_sig_all,
-            imm: matches!(w.opcode, abi::WR_SEND_WITH_IMM | abi::WR_RDMA_WRITE_WITH_IMM)
-                .then_some(w.imm_data),
+            imm: matches!(
+                w.opcode,
+                abi::WR_SEND_WITH_IMM | abi::WR_RDMA_WRITE_WITH_IMM
+            )
+            .then_some(w.imm_data),
             remote_addr: w.remote_addr,
             rkey: w.rkey,
             compare_add: w.compare_add,
@@ -252,7 +258,8 @@ impl Core {
     ) -> Result<(), WqeError> {
         let mem = self.mem.as_ref().expect("active");
         let bad = (abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE);
-        let known = abi::SEND_F_FENCE | abi::SEND_F_SIGNALED | abi::SEND_F_SOLICITED | abi::SEND_F_INLINE;
+        let known =
+            abi::SEND_F_FENCE | abi::SEND_F_SIGNALED | abi::SEND_F_SOLICITED | abi::SEND_F_INLINE;
         if w.flags & !known != 0 {
             return Err(bad);
         }
@@ -291,7 +298,7 @@ impl Core {
                 .ok_or(bad)?;
             wr.len = self.resolve_sges(qp.pd, &sges, scatter, &mut wr.local)?;
         }
-        if atomic && (wr.len != 8 || w.remote_addr % 8 != 0) {
+        if atomic && (wr.len != 8 || !w.remote_addr.is_multiple_of(8)) {
             return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_WQE));
         }
         if ud {
@@ -347,8 +354,11 @@ impl Core {
             src_qp: c.src_qp,
             status: c.status,
             opcode: c.opcode,
-            wc_flags: if c.imm.is_some() { abi::WC_F_WITH_IMM } else { 0 }
-                | if c.grh { abi::WC_F_GRH } else { 0 },
+            wc_flags: if c.imm.is_some() {
+                abi::WC_F_WITH_IMM
+            } else {
+                0
+            } | if c.grh { abi::WC_F_GRH } else { 0 },
             vendor_err: c.vendor_err,
             owner: abi::cqe_owner(pos, cq.ring.depth),
             ..Default::default()
@@ -367,7 +377,8 @@ impl Core {
         if sol {
             cq.sol_pos = Some(cq.prod);
         }
-        let fire = (cq.armed & abi::CQ_ARM_NEXT != 0) || (cq.armed & abi::CQ_ARM_SOLICITED != 0 && sol);
+        let fire =
+            (cq.armed & abi::CQ_ARM_NEXT != 0) || (cq.armed & abi::CQ_ARM_SOLICITED != 0 && sol);
         if fire {
             cq.armed = 0;
             self.push_event(abi::EV_CQ_COMP, cqn, 0);
@@ -393,9 +404,11 @@ impl Core {
         }
         cq.arm_seq = Some(seq);
         let pending = cq.prod.wrapping_sub(arm_cons);
-        let fire = if pending == 0 || pending > cq.ring.depth {
+        // An arm_cons outside [prod - depth, prod] is a driver bug: signal at once, since a
+        // spurious event is harmless and a lost one is not.
+        let fire = if pending == 0 {
             false
-        } else if flags & abi::CQ_ARM_NEXT != 0 {
+        } else if pending > cq.ring.depth || flags & abi::CQ_ARM_NEXT != 0 {
             true
         } else {
             cq.sol_pos
@@ -479,7 +492,9 @@ impl Core {
 
 impl DeviceOps for Core {
     fn memory(&self) -> &Arc<GuestMemoryMmap> {
-        self.mem.as_ref().expect("backend runs only on an active device")
+        self.mem
+            .as_ref()
+            .expect("backend runs only on an active device")
     }
 
     fn qp_info(&self, qpn: u32) -> Option<QpInfo> {
@@ -529,7 +544,9 @@ impl DeviceOps for Core {
         let idx = qp.rq_cons;
         let slot = qp.rq.slot(idx);
         let (pd, max_sge, recv_cq, rq) = (qp.pd, qp.max_recv_sge, qp.recv_cq, qp.rq.clone());
-        let w = mem.read_obj::<abi::RecvWqe>(GuestAddress(slot)).unwrap_or_default();
+        let w = mem
+            .read_obj::<abi::RecvWqe>(GuestAddress(slot))
+            .unwrap_or_default();
         let mut segs = Vec::new();
         let res = if w.num_sge > max_sge {
             Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))
@@ -600,7 +617,12 @@ impl State {
         }
     }
 
-    pub fn activate(&mut self, mem: Arc<GuestMemoryMmap>, queues: Vec<Queue>, irq: Arc<dyn Interrupt>) {
+    pub fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        queues: Vec<Queue>,
+        irq: Arc<dyn Interrupt>,
+    ) {
         self.core.mem = Some(mem.clone());
         self.active = Some(Active { mem, queues, irq });
     }
@@ -669,7 +691,9 @@ impl State {
                 return;
             }
             let idx = qp.sq_cons;
-            let wr = self.core.parse_send(self.core.qps.get(qpn).expect("exists"), idx);
+            let wr = self
+                .core
+                .parse_send(self.core.qps.get(qpn).expect("exists"), idx);
             let qp = self.core.qps.get_mut(qpn).expect("exists");
             qp.sq_cons = idx.wrapping_add(1);
             qp.sq.set_cons(&mem, qp.sq_cons);
@@ -776,9 +800,7 @@ impl State {
             let head = chain.head_index();
             let mut written = 0;
             if let Some(d) = chain.writable().next() {
-                if d.len() >= abi::EVENT_SIZE
-                    && mem.write_obj(ev, d.addr()).is_ok()
-                {
+                if d.len() >= abi::EVENT_SIZE && mem.write_obj(ev, d.addr()).is_ok() {
                     written = abi::EVENT_SIZE;
                 }
             }

@@ -86,7 +86,8 @@ impl<T> HandleTable<T> {
 
     /// The object named by `handle`, if the handle is live and its key matches.
     pub fn get(&self, handle: u32) -> Option<&T> {
-        self.slot_of(handle).and_then(|i| self.slots[i].obj.as_ref())
+        self.slot_of(handle)
+            .and_then(|i| self.slots[i].obj.as_ref())
     }
 
     /// Mutable access by handle.

@@ -952,8 +952,14 @@ mod tests {
         assert_eq!(size_of::<Cqe>() as u32, CQE_SIZE);
         assert_eq!(std::mem::offset_of!(Cqe, owner) as u64, CQE_OWNER_OFFSET);
         assert_eq!(size_of::<Event>() as u32, EVENT_SIZE);
-        assert_eq!(std::mem::offset_of!(RingHeader, cons) as u64, RING_CONS_OFFSET);
-        assert_eq!(std::mem::offset_of!(RingHeader, arm) as u64, RING_ARM_OFFSET);
+        assert_eq!(
+            std::mem::offset_of!(RingHeader, cons) as u64,
+            RING_CONS_OFFSET
+        );
+        assert_eq!(
+            std::mem::offset_of!(RingHeader, arm) as u64,
+            RING_ARM_OFFSET
+        );
         assert_eq!(
             std::mem::offset_of!(RingHeader, arm_cons) as u64,
             RING_ARM_CONS_OFFSET

@@ -105,7 +105,9 @@ pub struct SoftBackend {
 
 impl std::fmt::Debug for SoftBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftBackend").field("qps", &self.qps.len()).finish()
+        f.debug_struct("SoftBackend")
+            .field("qps", &self.qps.len())
+            .finish()
     }
 }
 
@@ -161,7 +163,11 @@ impl SoftBackend {
                 wr_id: op.wr.wr_id,
                 status,
                 opcode: wc_opcode(op.wr.opcode),
-                byte_len: if status == abi::WC_SUCCESS { byte_len } else { 0 },
+                byte_len: if status == abi::WC_SUCCESS {
+                    byte_len
+                } else {
+                    0
+                },
                 vendor_err,
                 ..Default::default()
             },
@@ -318,7 +324,10 @@ impl SoftBackend {
         };
         let st = qp.info.state;
         if qp.info.qp_type != abi::QPT_RC
-            || !matches!(st, abi::QPS_RTR | abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE)
+            || !matches!(
+                st,
+                abi::QPS_RTR | abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE
+            )
             || pkt.src != qp.info.dest_gid
             || pkt.src_qpn != qp.info.dest_qpn
         {
@@ -449,14 +458,14 @@ impl SoftBackend {
                 return;
             }
             Body::Atomic { addr, rkey, op } => {
-                let res = if addr % 8 != 0 {
+                let res = if !addr.is_multiple_of(8) {
                     None
                 } else {
                     ops.resolve_remote(qpn, rkey, addr, 8, abi::ACCESS_REMOTE_ATOMIC)
                 };
                 let orig = res.and_then(|segs| execute_atomic(ops, &segs, op));
                 let Some(orig) = orig else {
-                    let syn = if addr % 8 != 0 {
+                    let syn = if !addr.is_multiple_of(8) {
                         Syndrome::NakInvalid
                     } else {
                         Syndrome::NakAccess
@@ -546,7 +555,10 @@ impl SoftBackend {
             return;
         };
         if qp.info.qp_type != abi::QPT_UD
-            || !matches!(qp.info.state, abi::QPS_RTR | abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE)
+            || !matches!(
+                qp.info.state,
+                abi::QPS_RTR | abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE
+            )
             || *qkey != qp.info.qkey
         {
             return;
@@ -780,7 +792,10 @@ impl SoftBackend {
 }
 
 fn nak(s: Syndrome) -> Body {
-    Body::Ack { syndrome: s, msn: 0 }
+    Body::Ack {
+        syndrome: s,
+        msn: 0,
+    }
 }
 
 fn recv_completion(wr_id: u64, status: u8) -> Completion {
@@ -911,10 +926,8 @@ impl Backend for SoftBackend {
             abi::QPS_RESET => {
                 *qp = SoftQp::new(*info);
             }
-            abi::QPS_ERR => {
-                if prev_state != abi::QPS_ERR {
-                    self.flush_ops(ops, qpn);
-                }
+            abi::QPS_ERR if prev_state != abi::QPS_ERR => {
+                self.flush_ops(ops, qpn);
             }
             abi::QPS_RTR if prev_state == abi::QPS_INIT => {
                 qp.epsn = info.rq_psn;
