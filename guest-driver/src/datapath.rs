@@ -1,0 +1,552 @@
+//! The data path: posting work requests, polling and arming CQs, doorbells — plus raw ring
+//! access for hostile-guest tests.
+//!
+//! Nothing here allocates or takes a lock: WQEs are written straight into the rings in guest
+//! memory, producer indices are published with release stores, and the doorbell is an atomic OR
+//! into the doorbell area followed (unless the device is polling) by a queue-1 notification.
+
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestMemoryBackend, VolatileMemory};
+use vrdma_abi as abi;
+use vrdma_abi::{Cqe, RecvWqe, SendWqe};
+
+use crate::error::{Error, Result};
+use crate::verbs::{Cq, Qp, RecvWr, Ring, SendWr};
+use crate::Driver;
+
+/// Valid `SEND_F_*` bits.
+const SEND_FLAGS: u8 =
+    abi::SEND_F_FENCE | abi::SEND_F_SIGNALED | abi::SEND_F_SOLICITED | abi::SEND_F_INLINE;
+
+/// The [`SendWqe`] header the driver writes for `wr` on a QP of type `qp_type`.
+///
+/// With inline data: `SEND_F_INLINE` is added, `num_sge` = 0 and `inline_len` = data length;
+/// otherwise `num_sge` = number of SGEs. On a UD QP, `compare_add` carries the Q_Key.
+pub fn send_wqe_header(qp_type: u8, wr: &SendWr<'_>) -> SendWqe {
+    let (flags, num_sge, inline_len) = match wr.inline {
+        Some(d) => (wr.flags | abi::SEND_F_INLINE, 0, d.len() as u32),
+        None => (wr.flags, wr.sges.len() as u16, 0),
+    };
+    SendWqe {
+        wr_id: wr.wr_id,
+        opcode: wr.opcode,
+        flags,
+        num_sge,
+        imm_data: wr.imm,
+        inline_len,
+        ah: wr.ah,
+        remote_addr: wr.remote_addr,
+        rkey: wr.rkey,
+        remote_qpn: wr.remote_qpn,
+        compare_add: if qp_type == abi::QPT_UD {
+            wr.qkey as u64
+        } else {
+            wr.compare_add
+        },
+        swap: wr.swap,
+        reserved: 0,
+    }
+}
+
+/// Checks what the driver itself must guarantee for any WQE: it fits its slot.
+#[inline]
+fn check_fits(stride: u32, hdr: u32, body: usize, index: usize) -> Result<()> {
+    if hdr as u64 + body as u64 > stride as u64 {
+        return Err(Error::InvalidWr {
+            index,
+            what: "WQE does not fit the ring slot",
+        });
+    }
+    Ok(())
+}
+
+/// The checks a verbs driver makes before posting a send WR (like EINVAL/ENOMEM of
+/// `ibv_post_send`). Semantic checks (lkeys, bounds, atomics' SGE size) are the device's.
+fn validate_send(qp: &Qp, index: usize, wr: &SendWr<'_>) -> Result<()> {
+    let bad = |what| Err(Error::InvalidWr { index, what });
+    if wr.opcode > abi::WR_ATOMIC_FETCH_AND_ADD {
+        return bad("unknown opcode");
+    }
+    if wr.flags & !SEND_FLAGS != 0 {
+        return bad("unknown send flags");
+    }
+    if qp.qp_type == abi::QPT_UD && !matches!(wr.opcode, abi::WR_SEND | abi::WR_SEND_WITH_IMM) {
+        return bad("UD QPs only SEND");
+    }
+    match wr.inline {
+        Some(d) => {
+            if !matches!(
+                wr.opcode,
+                abi::WR_SEND
+                    | abi::WR_SEND_WITH_IMM
+                    | abi::WR_RDMA_WRITE
+                    | abi::WR_RDMA_WRITE_WITH_IMM
+            ) {
+                return bad("inline data with an opcode that cannot carry it");
+            }
+            if d.len() as u64 > qp.caps.max_inline as u64 {
+                return bad("inline data exceeds the QP's max_inline");
+            }
+        }
+        None => {
+            if wr.flags & abi::SEND_F_INLINE != 0 {
+                return bad("SEND_F_INLINE without inline data");
+            }
+            if wr.sges.len() as u64 > qp.caps.max_send_sge as u64 {
+                return bad("more SGEs than the QP's max_send_sge");
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Driver {
+    // -----------------------------------------------------------------------------------------
+    // Posting
+    // -----------------------------------------------------------------------------------------
+
+    /// Posts send WRs: validates them all, checks ring space against the device's
+    /// `header.cons`, writes one WQE per slot, release-stores `header.prod` once, rings the
+    /// doorbell once. All or nothing: on error nothing was posted.
+    ///
+    /// Refused while the driver knows the QP to be in RESET (ABI §9.2: the driver MUST NOT post
+    /// then); use [`Driver::post_send_unchecked`] to post anyway.
+    pub fn post_send(&self, qp: &mut Qp, wrs: &[SendWr<'_>]) -> Result<()> {
+        if qp.state() == abi::QPS_RESET {
+            return Err(Error::InvalidArgument(
+                "QP is in RESET: posting is not allowed",
+            ));
+        }
+        for (i, wr) in wrs.iter().enumerate() {
+            validate_send(qp, i, wr)?;
+        }
+        self.post_send_unchecked(qp, wrs)
+    }
+
+    /// [`Driver::post_send`] without the verbs-level checks (opcode, flags, SGE count against
+    /// the QP's caps, inline rules), so the device sees malformed WQEs. The WQE must still fit
+    /// its slot.
+    pub fn post_send_unchecked(&self, qp: &mut Qp, wrs: &[SendWr<'_>]) -> Result<()> {
+        if !qp.sq.alive() {
+            return Err(Error::InvalidArgument("QP destroyed"));
+        }
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        for (i, wr) in wrs.iter().enumerate() {
+            let body = match wr.inline {
+                Some(d) => d.len(),
+                None => {
+                    if wr.sges.len() > u16::MAX as usize {
+                        return Err(Error::InvalidWr {
+                            index: i,
+                            what: "more than 65535 SGEs",
+                        });
+                    }
+                    wr.sges.len() * abi::SGE_SIZE as usize
+                }
+            };
+            check_fits(qp.sq.stride, abi::SEND_WQE_HDR, body, i)?;
+        }
+        let free = self.ring_free(&qp.sq, qp.sq_prod)?;
+        if wrs.len() as u64 > free as u64 {
+            return Err(Error::QueueFull {
+                queue: "send queue",
+                needed: wrs.len().min(u32::MAX as usize) as u32,
+                free,
+            });
+        }
+        let mut prod = qp.sq_prod;
+        for wr in wrs {
+            let slot = qp.sq.slot_gpa(prod);
+            self.mem.write_obj(send_wqe_header(qp.qp_type, wr), slot)?;
+            let body = slot.unchecked_add(abi::SEND_WQE_HDR as u64);
+            match wr.inline {
+                Some(d) => self.mem.write_slice(d, body)?,
+                None => {
+                    for (k, sge) in wr.sges.iter().enumerate() {
+                        self.mem
+                            .write_obj(*sge, body.unchecked_add(k as u64 * abi::SGE_SIZE as u64))?;
+                    }
+                }
+            }
+            prod = prod.wrapping_add(1);
+        }
+        // Release: the WQEs are visible before the new producer index.
+        self.mem.store(
+            prod,
+            qp.sq.header_gpa(abi::RING_PROD_OFFSET),
+            Ordering::Release,
+        )?;
+        qp.sq_prod = prod;
+        self.doorbell(abi::DB_SQ_BITMAP_OFFSET, abi::handle_index(qp.qpn))
+    }
+
+    /// Posts receive WRs: RecvWqe + SGEs per slot, then a release store of the RQ's
+    /// `header.prod`. No doorbell (the device reads the RQ producer when it needs a receive) —
+    /// except for a QP the driver knows to be in ERR, whose SQ doorbell is rung so the device
+    /// flushes the new receives (ABI §9.3).
+    ///
+    /// Refused while the driver knows the QP to be in RESET (receives may be posted from INIT
+    /// on); use [`Driver::post_recv_unchecked`] to post anyway.
+    pub fn post_recv(&self, qp: &mut Qp, wrs: &[RecvWr<'_>]) -> Result<()> {
+        if qp.state() == abi::QPS_RESET {
+            return Err(Error::InvalidArgument(
+                "QP is in RESET: posting is not allowed",
+            ));
+        }
+        for (i, wr) in wrs.iter().enumerate() {
+            if wr.sges.len() as u64 > qp.caps.max_recv_sge as u64 {
+                return Err(Error::InvalidWr {
+                    index: i,
+                    what: "more SGEs than the QP's max_recv_sge",
+                });
+            }
+        }
+        self.post_recv_unchecked(qp, wrs)
+    }
+
+    /// [`Driver::post_recv`] without the SGE-count check against the QP's caps (the WQE must
+    /// still fit its slot).
+    pub fn post_recv_unchecked(&self, qp: &mut Qp, wrs: &[RecvWr<'_>]) -> Result<()> {
+        if !qp.rq.alive() {
+            return Err(Error::InvalidArgument("QP destroyed"));
+        }
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        for (i, wr) in wrs.iter().enumerate() {
+            check_fits(
+                qp.rq.stride,
+                abi::RECV_WQE_HDR,
+                wr.sges.len().saturating_mul(abi::SGE_SIZE as usize),
+                i,
+            )?;
+        }
+        let free = self.ring_free(&qp.rq, qp.rq_prod)?;
+        if wrs.len() as u64 > free as u64 {
+            return Err(Error::QueueFull {
+                queue: "receive queue",
+                needed: wrs.len().min(u32::MAX as usize) as u32,
+                free,
+            });
+        }
+        let mut prod = qp.rq_prod;
+        for wr in wrs {
+            let slot = qp.rq.slot_gpa(prod);
+            let hdr = RecvWqe {
+                wr_id: wr.wr_id,
+                num_sge: wr.sges.len() as u32,
+                reserved: 0,
+            };
+            self.mem.write_obj(hdr, slot)?;
+            let body = slot.unchecked_add(abi::RECV_WQE_HDR as u64);
+            for (k, sge) in wr.sges.iter().enumerate() {
+                self.mem
+                    .write_obj(*sge, body.unchecked_add(k as u64 * abi::SGE_SIZE as u64))?;
+            }
+            prod = prod.wrapping_add(1);
+        }
+        self.mem.store(
+            prod,
+            qp.rq.header_gpa(abi::RING_PROD_OFFSET),
+            Ordering::Release,
+        )?;
+        qp.rq_prod = prod;
+        if qp.state() == abi::QPS_ERR {
+            self.doorbell(abi::DB_SQ_BITMAP_OFFSET, abi::handle_index(qp.qpn))?;
+        }
+        Ok(())
+    }
+
+    /// Free slots of an SQ/RQ: depth − (prod − header.cons). A consumer index that is ahead of
+    /// the producer (a device bug) leaves no free slot.
+    #[inline]
+    fn ring_free(&self, ring: &Ring, prod: u32) -> Result<u32> {
+        let cons: u32 = self
+            .mem
+            .load(ring.header_gpa(abi::RING_CONS_OFFSET), Ordering::Acquire)?;
+        Ok(ring.depth.saturating_sub(prod.wrapping_sub(cons)))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Completions
+    // -----------------------------------------------------------------------------------------
+
+    /// Polls up to `out.len()` CQEs; returns how many were written to `out`.
+    ///
+    /// A slot is valid when its owner byte equals `cqe_owner(cons, depth)` (acquire load); the
+    /// CQE is then read, `cons` advances, and the new `cons` is release-stored to `header.cons`
+    /// once at the end so the device can reuse the slots.
+    ///
+    /// An error or flush completion tells the driver that its QP is in ERR ([`Qp::state`]); the
+    /// first time, the driver rings that QP's SQ doorbell (ABI §9.3).
+    pub fn poll_cq(&self, cq: &mut Cq, out: &mut [Cqe]) -> usize {
+        if !cq.ring.alive() {
+            return 0;
+        }
+        let mut n = 0;
+        let mut err_qpn = None;
+        while n < out.len() {
+            let slot = cq.ring.slot_gpa(cq.cons);
+            let owner: u8 = match self
+                .mem
+                .load(slot.unchecked_add(abi::CQE_OWNER_OFFSET), Ordering::Acquire)
+            {
+                Ok(o) => o,
+                Err(_) => break,
+            };
+            if owner != abi::cqe_owner(cq.cons, cq.ring.depth) {
+                break;
+            }
+            match self.mem.read_obj::<Cqe>(slot) {
+                Ok(c) => out[n] = c,
+                Err(_) => break,
+            }
+            if out[n].status != abi::WC_SUCCESS && err_qpn != Some(out[n].qpn) {
+                err_qpn = Some(out[n].qpn);
+                self.learn_qp_error(out[n].qpn);
+            }
+            cq.cons = cq.cons.wrapping_add(1);
+            n += 1;
+        }
+        if n > 0 {
+            // Cannot fail: the header page was just read through the same mapping.
+            let _ = self.mem.store(
+                cq.cons,
+                cq.ring.header_gpa(abi::RING_CONS_OFFSET),
+                Ordering::Release,
+            );
+        }
+        n
+    }
+
+    /// Polls until `count` CQEs arrived or `timeout` passed; returns those polled (maybe
+    /// fewer). Convenience for tests; allocates.
+    pub fn poll_cq_until(&self, cq: &mut Cq, count: usize, timeout: Duration) -> Vec<Cqe> {
+        let deadline = Instant::now() + timeout;
+        let mut out = vec![Cqe::default(); count];
+        let mut n = 0;
+        while n < count {
+            let got = self.poll_cq(cq, &mut out[n..]);
+            n += got;
+            if got == 0 {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// Arms the CQ: store `header.arm_cons` = cons, then release-store `header.arm` =
+    /// `(seq << 2) | CQ_ARM_NEXT` (or `CQ_ARM_SOLICITED`) with a new sequence number, then set the
+    /// CQ's bit in the CQ-arm bitmap and ring the doorbell. One [`abi::EV_CQ_COMP`] event follows
+    /// per arm — at once if a matching CQE already exists at or after `cons`.
+    pub fn req_notify_cq(&self, cq: &mut Cq, solicited_only: bool) -> Result<()> {
+        if !cq.ring.alive() {
+            return Err(Error::InvalidArgument("CQ destroyed"));
+        }
+        self.mem.store(
+            cq.cons,
+            cq.ring.header_gpa(abi::RING_ARM_CONS_OFFSET),
+            Ordering::Relaxed,
+        )?;
+        cq.arm_seq = cq.arm_seq.wrapping_add(1);
+        let flag = if solicited_only {
+            abi::CQ_ARM_SOLICITED
+        } else {
+            abi::CQ_ARM_NEXT
+        };
+        // Release: arm_cons is visible before the new arm value.
+        self.mem.store(
+            (cq.arm_seq << 2) | flag,
+            cq.ring.header_gpa(abi::RING_ARM_OFFSET),
+            Ordering::Release,
+        )?;
+        self.doorbell(self.db.cq_bitmap, abi::handle_index(cq.cqn))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Doorbell
+    // -----------------------------------------------------------------------------------------
+
+    /// Sets bit `index` of the bitmap at `bitmap_offset` of the doorbell area with an atomic OR,
+    /// without notifying; returns whether the bit was already set. Fails if the bit lies outside
+    /// the doorbell area.
+    pub fn set_doorbell_bit(&self, bitmap_offset: u64, index: u32) -> Result<bool> {
+        let off = bitmap_offset
+            .checked_add(index as u64 / 64 * 8)
+            .filter(|o| o.checked_add(8).is_some_and(|e| e <= self.db.len))
+            .ok_or(Error::InvalidArgument(
+                "doorbell bit outside the doorbell area",
+            ))?;
+        let slice = self.mem.get_slice(self.db.gpa.unchecked_add(off), 8)?;
+        let word = slice.get_atomic_ref::<AtomicU64>(0)?;
+        let bit = 1u64 << (index % 64);
+        let old = word.fetch_or(bit, Ordering::SeqCst);
+        // Keep the dirty log honest (a real guest's write would be logged by the hypervisor).
+        slice.bitmap().mark_dirty(0, 8);
+        Ok(old & bit != 0)
+    }
+
+    /// Rings the doorbell for bit `index` of the bitmap at `bitmap_offset` (ABI §8.2): atomic
+    /// OR; if the bit was already set, an earlier doorbell that the device has not consumed yet
+    /// covers this one and nothing more is needed; otherwise full fence, read `device_flags`,
+    /// and notify queue 1 unless `DB_DEVICE_POLLING` is set (and `VRDMA_F_DB_SUPPRESSION` was
+    /// negotiated).
+    #[inline]
+    pub(crate) fn doorbell(&self, bitmap_offset: u64, index: u32) -> Result<()> {
+        if self.set_doorbell_bit(bitmap_offset, index)? {
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.kick_unless_polling()
+    }
+
+    /// Full fence, read `device_flags`, notify queue 1 unless the device is polling.
+    #[inline]
+    fn kick_unless_polling(&self) -> Result<()> {
+        fence(Ordering::SeqCst);
+        let flags: u32 = self.mem.load(self.db.gpa, Ordering::SeqCst)?;
+        let polling = flags & abi::DB_DEVICE_POLLING != 0
+            && self.features() & abi::VRDMA_F_DB_SUPPRESSION != 0;
+        if polling {
+            self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.kicks.fetch_add(1, Ordering::Relaxed);
+            self.notify_queue(abi::EVENTQ);
+        }
+        Ok(())
+    }
+
+    /// Rings the SQ doorbell for any QP index (the QP bit = `handle_index(qpn)`): sets the bit
+    /// and notifies unless the device is polling — even if the bit was already set.
+    pub fn ring_sq_doorbell(&self, index: u32) -> Result<()> {
+        self.set_doorbell_bit(abi::DB_SQ_BITMAP_OFFSET, index)?;
+        self.kick_unless_polling()
+    }
+
+    /// Rings the CQ-arm doorbell for any CQ index (the CQ bit = `handle_index(cqn)`), like
+    /// [`Driver::ring_sq_doorbell`].
+    pub fn ring_cq_doorbell(&self, index: u32) -> Result<()> {
+        self.set_doorbell_bit(self.db.cq_bitmap, index)?;
+        self.kick_unless_polling()
+    }
+
+    /// Byte offset of the CQ-arm bitmap in the doorbell area.
+    pub fn cq_bitmap_offset(&self) -> u64 {
+        self.db.cq_bitmap
+    }
+
+    /// `DoorbellHeader::device_flags`.
+    pub fn device_flags(&self) -> Result<u32> {
+        Ok(self.mem.load(self.db.gpa, Ordering::Acquire)?)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Raw ring access (hostile-guest tests)
+    // -----------------------------------------------------------------------------------------
+
+    /// Writes arbitrary bytes at the start of SQ slot `index & (depth - 1)`.
+    pub fn write_sq_slot(&self, qp: &Qp, index: u32, bytes: &[u8]) -> Result<()> {
+        write_slot(self, &qp.sq, index, bytes)
+    }
+
+    /// Writes arbitrary bytes at the start of RQ slot `index & (depth - 1)`.
+    pub fn write_rq_slot(&self, qp: &Qp, index: u32, bytes: &[u8]) -> Result<()> {
+        write_slot(self, &qp.rq, index, bytes)
+    }
+
+    /// Release-stores any value as the SQ producer index (the driver adopts it as its own).
+    /// Does not ring the doorbell.
+    pub fn set_sq_prod(&self, qp: &mut Qp, prod: u32) -> Result<()> {
+        self.write_ring_u32(&qp.sq, abi::RING_PROD_OFFSET, prod)?;
+        qp.sq_prod = prod;
+        Ok(())
+    }
+
+    /// Release-stores any value as the RQ producer index (the driver adopts it as its own).
+    pub fn set_rq_prod(&self, qp: &mut Qp, prod: u32) -> Result<()> {
+        self.write_ring_u32(&qp.rq, abi::RING_PROD_OFFSET, prod)?;
+        qp.rq_prod = prod;
+        Ok(())
+    }
+
+    /// Release-stores a u32 at byte `offset` of a ring's control block.
+    pub fn write_ring_u32(&self, ring: &Ring, offset: u64, value: u32) -> Result<()> {
+        if !ring.alive() || offset + 4 > ring.stride as u64 {
+            return Err(Error::InvalidArgument(
+                "offset outside the ring's control block",
+            ));
+        }
+        Ok(self
+            .mem
+            .store(value, ring.header_gpa(offset), Ordering::Release)?)
+    }
+
+    /// Acquire-loads a u32 at byte `offset` of a ring's control block.
+    pub fn read_ring_u32(&self, ring: &Ring, offset: u64) -> Result<u32> {
+        if !ring.alive() || offset + 4 > ring.stride as u64 {
+            return Err(Error::InvalidArgument(
+                "offset outside the ring's control block",
+            ));
+        }
+        Ok(self.mem.load(ring.header_gpa(offset), Ordering::Acquire)?)
+    }
+
+    /// The device's SQ consumer index.
+    pub fn sq_cons(&self, qp: &Qp) -> Result<u32> {
+        self.read_ring_u32(&qp.sq, abi::RING_CONS_OFFSET)
+    }
+
+    /// The device's RQ consumer index.
+    pub fn rq_cons(&self, qp: &Qp) -> Result<u32> {
+        self.read_ring_u32(&qp.rq, abi::RING_CONS_OFFSET)
+    }
+
+    /// The device's CQ producer index.
+    pub fn cq_prod(&self, cq: &Cq) -> Result<u32> {
+        self.read_ring_u32(&cq.ring, abi::RING_PROD_OFFSET)
+    }
+
+    /// Doorbell statistics.
+    pub fn stats(&self) -> DriverStats {
+        DriverStats {
+            doorbell_kicks: self.stats.kicks.load(Ordering::Relaxed),
+            doorbell_suppressed: self.stats.suppressed.load(Ordering::Relaxed),
+            doorbell_coalesced: self.stats.coalesced.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn write_slot(d: &Driver, ring: &Ring, index: u32, bytes: &[u8]) -> Result<()> {
+    if !ring.alive() || bytes.len() > ring.stride as usize {
+        return Err(Error::InvalidArgument("slot write larger than the stride"));
+    }
+    Ok(d.mem.write_slice(bytes, ring.slot_gpa(index))?)
+}
+
+/// Doorbell counters, for benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Doorbells that notified queue 1.
+    pub doorbell_kicks: u64,
+    /// Doorbells whose notification was suppressed because the device was polling.
+    pub doorbell_suppressed: u64,
+    /// Doorbells that found their bit still set (an unconsumed earlier doorbell covers them).
+    pub doorbell_coalesced: u64,
+}
+
+/// Counters behind [`DriverStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) kicks: AtomicU64,
+    pub(crate) suppressed: AtomicU64,
+    pub(crate) coalesced: AtomicU64,
+}
