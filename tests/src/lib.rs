@@ -13,6 +13,8 @@ use std::time::Duration;
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub mod perf;
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::{DeviceConfig, GuestMemoryMmap, Vrdma};
 use vrdma_glue::MmioTransport;

@@ -1,0 +1,328 @@
+//! Latency measurements with perftest's `ib_write_lat` semantics, shared by `vrdma-perf` and
+//! the tests that check the tool's plumbing (not its figures: figures belong in benchmarks).
+//!
+//! `write-lat`: each side RDMA-WRITEs `size` bytes into the peer's buffer and busy-polls the last
+//! byte of its own buffer for the peer's write; the client time-stamps every iteration and the
+//! reported latency is half the round trip. `t_typical` is the median.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vm_memory::GuestAddress;
+use vrdma_abi::{Cqe, Gid, ACCESS_ALL, WC_SUCCESS};
+use vrdma_device::soft::SoftFabric;
+use vrdma_guest::{Buffer, Cq, Driver, GuestAlloc, Layout, Mr, Qp, QpInitAttr, SendWr};
+
+use crate::{Vm, ALLOC_BASE, GUEST_RAM};
+
+/// Summary of one latency run, in microseconds (half round trips).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LatStats {
+    /// Test name, e.g. `write_lat`.
+    pub test: &'static str,
+    /// `device` (two guests through the ABI and device) or `shm` (cache-line ping-pong floor).
+    pub path: &'static str,
+    /// Message size.
+    pub bytes: u64,
+    /// Iterations measured.
+    pub iters: usize,
+    /// `poll` or `interrupt`.
+    pub completion: &'static str,
+    /// Minimum.
+    pub t_min_us: f64,
+    /// Maximum.
+    pub t_max_us: f64,
+    /// Median.
+    pub t_typical_us: f64,
+    /// Mean.
+    pub t_avg_us: f64,
+    /// Standard deviation.
+    pub t_stdev_us: f64,
+    /// 99th percentile.
+    pub t_p99_us: f64,
+    /// 99.9th percentile.
+    pub t_p999_us: f64,
+}
+
+impl LatStats {
+    /// Statistics of half round trips given full round trips in nanoseconds.
+    pub fn from_rtts(
+        test: &'static str,
+        path: &'static str,
+        bytes: u64,
+        completion: &'static str,
+        rtt_ns: &[u64],
+    ) -> Self {
+        let mut v: Vec<f64> = rtt_ns.iter().map(|&n| n as f64 / 2000.0).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len().max(1) as f64;
+        let avg = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - avg) * (x - avg)).sum::<f64>() / n;
+        let pct = |p: f64| -> f64 {
+            if v.is_empty() {
+                return 0.0;
+            }
+            let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i]
+        };
+        Self {
+            test,
+            path,
+            bytes,
+            iters: v.len(),
+            completion,
+            t_min_us: v.first().copied().unwrap_or(0.0),
+            t_max_us: v.last().copied().unwrap_or(0.0),
+            t_typical_us: pct(0.5),
+            t_avg_us: avg,
+            t_stdev_us: var.sqrt(),
+            t_p99_us: pct(0.99),
+            t_p999_us: pct(0.999),
+        }
+    }
+
+    /// The header line of `ib_write_lat`'s table.
+    pub fn header() -> String {
+        format!(
+            " {:<7} {:<11} {:<12} {:<12} {:<16} {:<12} {:<14} {:<22} {:<22} {}",
+            "#bytes",
+            "#iterations",
+            "t_min[usec]",
+            "t_max[usec]",
+            "t_typical[usec]",
+            "t_avg[usec]",
+            "t_stdev[usec]",
+            "99% percentile[usec]",
+            "99.9% percentile[usec]",
+            "path"
+        )
+    }
+
+    /// One table row, in `ib_write_lat`'s column layout (plus the path).
+    pub fn row(&self) -> String {
+        format!(
+            " {:<7} {:<11} {:<12.2} {:<12.2} {:<16.2} {:<12.2} {:<14.2} {:<22.2} {:<22.2} {}",
+            self.bytes,
+            self.iters,
+            self.t_min_us,
+            self.t_max_us,
+            self.t_typical_us,
+            self.t_avg_us,
+            self.t_stdev_us,
+            self.t_p99_us,
+            self.t_p999_us,
+            self.path
+        )
+    }
+}
+
+/// One side of a connected RC pair.
+pub struct Side {
+    /// The guest (kept alive for the device and memory).
+    pub vm: Vm,
+    /// The driver.
+    pub d: Driver,
+    /// Local buffer (registered).
+    pub buf: Buffer,
+    /// Its MR.
+    pub mr: Mr,
+    /// Send/receive CQ.
+    pub cq: Cq,
+    /// The QP.
+    pub qp: Qp,
+}
+
+/// Two guests on one fabric with a connected RC QP pair and registered buffers of `2 * size`
+/// bytes: the first half is the send buffer, the second half receives the peer's writes.
+pub fn rc_pair(size: u64, max_inline: u32) -> Result<(Arc<SoftFabric>, Side, Side), String> {
+    let fabric = SoftFabric::new();
+    let mk = |id: u32| -> Result<Side, String> {
+        let vm = Vm::new(&fabric, id);
+        let d = Driver::probe(
+            vm.port(),
+            vm.mem.clone(),
+            GuestAlloc::new(GuestAddress(ALLOC_BASE), GUEST_RAM - ALLOC_BASE),
+        )
+        .map_err(|e| e.to_string())?;
+        let pd = d.alloc_pd().map_err(|e| e.to_string())?;
+        let buf = d
+            .alloc_buffer(2 * size.max(64), Layout::Any)
+            .map_err(|e| e.to_string())?;
+        let mr = d.reg_mr(pd, &buf, ACCESS_ALL).map_err(|e| e.to_string())?;
+        let cq = d.create_cq(1024).map_err(|e| e.to_string())?;
+        let qp = d
+            .create_qp(
+                pd,
+                &QpInitAttr {
+                    max_send_wr: 256,
+                    max_inline,
+                    ..QpInitAttr::rc(&cq)
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(Side {
+            vm,
+            d,
+            buf,
+            mr,
+            cq,
+            qp,
+        })
+    };
+    let a = mk(1)?;
+    let b = mk(2)?;
+    let gid = |s: &Side| -> Result<Gid, String> { s.d.gid().map_err(|e| e.to_string()) };
+    let (ga, gb) = (gid(&a)?, gid(&b)?);
+    a.d.connect_rc(&a.qp, b.qp.qpn(), gb)
+        .map_err(|e| e.to_string())?;
+    b.d.connect_rc(&b.qp, a.qp.qpn(), ga)
+        .map_err(|e| e.to_string())?;
+    Ok((fabric, a, b))
+}
+
+fn spin_until_byte(buf: &Buffer, off: u64, want: u8, deadline: Instant) -> bool {
+    let mut b = [0u8];
+    let mut spins = 0u32;
+    loop {
+        buf.read(off, &mut b);
+        if b[0] == want {
+            return true;
+        }
+        spins += 1;
+        if spins % 4096 == 0 && Instant::now() > deadline {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+fn drain_send_cq(s: &mut Side, cqes: &mut [Cqe]) -> Result<(), String> {
+    let n = s.d.poll_cq(&mut s.cq, cqes);
+    for c in &cqes[..n] {
+        if c.status != WC_SUCCESS {
+            return Err(format!("completion error status {}", c.status));
+        }
+    }
+    Ok(())
+}
+
+/// `write-lat` through two guests, the device and the soft fabric. Returns round trips in ns.
+pub fn write_lat_device(size: u64, iters: usize, inline: bool) -> Result<Vec<u64>, String> {
+    let max_inline = if inline { 512 } else { 0 };
+    let (_fabric, a, b) = rc_pair(size, max_inline)?;
+    let use_inline = inline && size <= a.qp.caps().max_inline as u64;
+    // Each side writes from its send half into the peer's receive half, and polls the last byte
+    // of its own receive half.
+    let half = size.max(64);
+    let (a_raddr, a_rkey) = (a.mr.iova + half, a.mr.rkey);
+    let (b_raddr, b_rkey) = (b.mr.iova + half, b.mr.rkey);
+    let last = size - 1;
+    let poll_at = half + last;
+    let warmup = (iters / 10).max(16);
+    let total = iters + warmup;
+    let barrier = Arc::new(Barrier::new(2));
+    let deadline = Instant::now() + Duration::from_secs(60);
+
+    let run = move |mut s: Side, client: bool, raddr: u64, rkey: u32, barrier: Arc<Barrier>| {
+        let mut stamps = Vec::with_capacity(if client { total + 1 } else { 0 });
+        let mut cqes = [Cqe::default(); 64];
+        let mut inline_data = vec![0u8; size as usize];
+        barrier.wait();
+        for i in 0..total {
+            let tag = (i % 255) as u8 + 1;
+            if client {
+                stamps.push(Instant::now());
+            } else if !spin_until_byte(&s.buf, poll_at, tag, deadline) {
+                return Err(format!("server timed out at iteration {i}"));
+            }
+            // Signal every 16th WR, as perftest's cq_mod does, so the SQ never fills.
+            let signaled = i % 16 == 15;
+            let sge = [s.mr.sge(0, size as u32)];
+            let wr = if use_inline {
+                inline_data[last as usize] = tag;
+                SendWr::write_inline(i as u64, &inline_data, raddr, rkey)
+            } else {
+                s.buf.write(last, &[tag]);
+                SendWr::write(i as u64, &sge, raddr, rkey)
+            };
+            let wr = if signaled { wr } else { wr.unsignaled() };
+            s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())?;
+            if client && !spin_until_byte(&s.buf, poll_at, tag, deadline) {
+                return Err(format!("client timed out at iteration {i}"));
+            }
+            drain_send_cq(&mut s, &mut cqes)?;
+        }
+        if client {
+            stamps.push(Instant::now());
+        }
+        let rtts: Vec<u64> = stamps
+            .windows(2)
+            .skip(warmup)
+            .map(|w| (w[1] - w[0]).as_nanos() as u64)
+            .collect();
+        Ok((rtts, s))
+    };
+    let bar2 = barrier.clone();
+    let server = thread::spawn(move || run(b, false, a_raddr, a_rkey, bar2));
+    let client = run(a, true, b_raddr, b_rkey, barrier);
+    let server = server.join().map_err(|_| "server panicked".to_string())?;
+    let (rtts, _a) = client?;
+    let (_, _b) = server?;
+    Ok(rtts)
+}
+
+/// The physical floor: two threads ping-ponging one cache line. Returns round trips in ns.
+pub fn write_lat_shm(iters: usize) -> Vec<u64> {
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+    let ping = Arc::new(Line(AtomicU64::new(0)));
+    let pong = Arc::new(Line(AtomicU64::new(0)));
+    let warmup = (iters / 10).max(16);
+    let total = (iters + warmup) as u64;
+    let (p2, q2) = (ping.clone(), pong.clone());
+    let server = thread::spawn(move || {
+        for i in 1..=total {
+            while p2.0.load(Ordering::Acquire) != i {
+                std::hint::spin_loop();
+            }
+            q2.0.store(i, Ordering::Release);
+        }
+    });
+    let mut stamps = Vec::with_capacity(total as usize + 1);
+    for i in 1..=total {
+        stamps.push(Instant::now());
+        ping.0.store(i, Ordering::Release);
+        while pong.0.load(Ordering::Acquire) != i {
+            std::hint::spin_loop();
+        }
+    }
+    stamps.push(Instant::now());
+    let _ = server.join();
+    stamps
+        .windows(2)
+        .skip(warmup)
+        .map(|w| (w[1] - w[0]).as_nanos() as u64)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_follow_perftest_definitions() {
+        // Half round trips of 1..=100 µs.
+        let rtts: Vec<u64> = (1..=100u64).map(|us| us * 2000).collect();
+        let s = LatStats::from_rtts("write_lat", "device", 2, "poll", &rtts);
+        assert_eq!(s.iters, 100);
+        assert_eq!(s.t_min_us, 1.0);
+        assert_eq!(s.t_max_us, 100.0);
+        assert_eq!(s.t_typical_us, 50.0);
+        assert_eq!(s.t_p99_us, 99.0);
+        assert_eq!(s.t_p999_us, 100.0);
+        assert!((s.t_avg_us - 50.5).abs() < 1e-9);
+    }
+}
