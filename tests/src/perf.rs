@@ -192,7 +192,7 @@ fn spin_until_byte(buf: &Buffer, off: u64, want: u8, deadline: Instant) -> bool 
             return true;
         }
         spins += 1;
-        if spins % 4096 == 0 && Instant::now() > deadline {
+        if spins.is_multiple_of(4096) && Instant::now() > deadline {
             return false;
         }
         std::hint::spin_loop();
