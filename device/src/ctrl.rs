@@ -208,7 +208,7 @@ impl State {
                     .ok_or(abi::STATUS_BAD_HANDLE)?;
                 self.core.total_mr_pages -= mr.pages.len() as u64;
                 if let Some(pd) = self.core.pds.get_mut(mr.pd) {
-                    pd.refs -= 1;
+                    pd.refs = pd.refs.saturating_sub(1);
                 }
                 Ok(Vec::new())
             }
@@ -240,6 +240,7 @@ impl State {
                 a.max_recv_sge = qp.max_recv_sge;
                 a.max_inline_data = qp.max_inline;
                 a.qp_type = qp.qp_type as u32;
+                a.sq_draining = self.core.draining.contains(&c.handle) as u8;
                 Ok(bytes_of(a))
             }
             abi::CMD_DESTROY_QP => {
@@ -278,7 +279,7 @@ impl State {
                     .remove(c.handle)
                     .ok_or(abi::STATUS_BAD_HANDLE)?;
                 if let Some(pd) = self.core.pds.get_mut(ah.pd) {
-                    pd.refs -= 1;
+                    pd.refs = pd.refs.saturating_sub(1);
                 }
                 Ok(Vec::new())
             }
@@ -497,9 +498,13 @@ impl State {
         if new == abi::QPS_ERR {
             self.core.flush_rings(c.qpn);
         }
+        if new == abi::QPS_SQD && prev == abi::QPS_RTS {
+            self.core.draining.push(c.qpn);
+        }
         if new == abi::QPS_RTS {
             self.process_sq(c.qpn);
         }
+        self.settle();
         Ok(Vec::new())
     }
 
@@ -512,14 +517,15 @@ impl State {
         self.backend.destroy_qp(qpn);
         let qp = self.core.qps.remove(qpn).ok_or(abi::STATUS_BAD_HANDLE)?;
         if let Some(pd) = self.core.pds.get_mut(qp.pd) {
-            pd.refs -= 1;
+            pd.refs = pd.refs.saturating_sub(1);
         }
         for cq in [qp.send_cq, qp.recv_cq] {
             if let Some(cq) = self.core.cqs.get_mut(cq) {
-                cq.refs -= 1;
+                cq.refs = cq.refs.saturating_sub(1);
             }
         }
         self.core.refetch.retain(|&q| q != qpn);
+        self.core.draining.retain(|&q| q != qpn);
         self.core.pending_fail.retain(|&(q, _)| q != qpn);
         Ok(Vec::new())
     }

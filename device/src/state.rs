@@ -130,6 +130,8 @@ pub(crate) struct Core {
     pub refetch: Vec<u32>,
     /// QPs the core wants failed (CQ overflow, ring overrun): done by `State` with the backend.
     pub pending_fail: Vec<(u32, u32)>,
+    /// QPs that entered SQD and have not yet reported EV_SQ_DRAINED.
+    pub draining: Vec<u32>,
     pub moderation: Moderation,
 }
 
@@ -160,6 +162,7 @@ impl Core {
             events_dropped: 0,
             refetch: Vec::new(),
             pending_fail: Vec::new(),
+            draining: Vec::new(),
             moderation: Moderation::default(),
         }
     }
@@ -698,22 +701,44 @@ impl State {
             qp.sq_cons = idx.wrapping_add(1);
             qp.sq.set_cons(&mem, qp.sq_cons);
             self.backend.post_send(&mut self.core, qpn, wr);
-            self.settle();
+            // A CQ overflow caused by this WR fails QPs (maybe this one) before the next fetch.
+            self.apply_failures();
         }
     }
 
-    /// Applies what the core deferred (QP failures, SQ refetches).
-    fn settle(&mut self) {
+    fn apply_failures(&mut self) {
+        while let Some((qpn, vendor)) = self.core.pending_fail.pop() {
+            self.fail_qp(qpn, vendor);
+        }
+    }
+
+    /// Applies what the core deferred: QP failures, then fetches for send queues that were
+    /// stalled on a full backend queue and have room again.
+    pub fn settle(&mut self) {
         loop {
-            if let Some((qpn, vendor)) = self.core.pending_fail.pop() {
-                self.fail_qp(qpn, vendor);
-                continue;
+            self.apply_failures();
+            let Some(qpn) = self.core.refetch.pop() else {
+                break;
+            };
+            self.process_sq(qpn);
+        }
+        self.check_drained();
+    }
+
+    /// Raises EV_SQ_DRAINED for QPs in SQD whose in-flight send WRs have all completed.
+    fn check_drained(&mut self) {
+        let backend = &self.backend;
+        let core = &mut self.core;
+        let mut done = Vec::new();
+        core.draining.retain(|&qpn| {
+            let in_sqd = core.qps.get(qpn).is_some_and(|q| q.attr.qp_state == abi::QPS_SQD);
+            if in_sqd && backend.outstanding(qpn) == 0 {
+                done.push(qpn);
             }
-            if let Some(qpn) = self.core.refetch.pop() {
-                self.process_sq(qpn);
-                continue;
-            }
-            return;
+            in_sqd && backend.outstanding(qpn) != 0
+        });
+        for qpn in done {
+            core.push_event(abi::EV_SQ_DRAINED, qpn, 0);
         }
     }
 
