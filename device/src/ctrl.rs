@@ -222,7 +222,9 @@ impl State {
                 if cq.refs > 0 {
                     return Err(abi::STATUS_BUSY);
                 }
+                let pages = cq.ring.pages.len() as u64;
                 self.core.cqs.remove(c.handle);
+                self.core.total_ring_pages -= pages;
                 Ok(Vec::new())
             }
             abi::CMD_CREATE_QP => {
@@ -362,7 +364,9 @@ impl State {
         if c.npages > cfg.max_ring_pages || c.depth == 0 || c.depth > cfg.max_cqe {
             return Err(abi::STATUS_INVALID);
         }
-        if self.core.cqs.len() >= cfg.max_cq {
+        if self.core.cqs.len() >= cfg.max_cq
+            || self.core.total_ring_pages + c.npages as u64 > cfg.max_total_ring_pages
+        {
             return Err(abi::STATUS_NO_RESOURCE);
         }
         let (max_cqe, max_pages) = (cfg.max_cqe, cfg.max_ring_pages);
@@ -381,6 +385,7 @@ impl State {
             refs: 0,
         };
         let h = self.core.cqs.insert(cq).ok_or(abi::STATUS_NO_RESOURCE)?;
+        self.core.total_ring_pages += c.npages as u64;
         Ok(bytes_of(abi::RespHandle {
             handle: h,
             extra: c.depth,
@@ -413,7 +418,10 @@ impl State {
         {
             return Err(abi::STATUS_INVALID);
         }
-        if self.core.qps.len() >= cfg.max_qp {
+        let ring_pages = c.sq_npages as u64 + c.rq_npages as u64;
+        if self.core.qps.len() >= cfg.max_qp
+            || self.core.total_ring_pages + ring_pages > cfg.max_total_ring_pages
+        {
             return Err(abi::STATUS_NO_RESOURCE);
         }
         let (max_wr, max_pages, max_sge, max_inline) = (
@@ -454,6 +462,7 @@ impl State {
             max_inline: qp.max_inline,
         };
         let qpn = self.core.qps.insert(qp).ok_or(abi::STATUS_NO_RESOURCE)?;
+        self.core.total_ring_pages += ring_pages;
         if let Some(pd) = self.core.pds.get_mut(c.pd) {
             pd.refs += 1;
         }
@@ -516,6 +525,7 @@ impl State {
         self.flush_qp(qpn, None);
         self.backend.destroy_qp(qpn);
         let qp = self.core.qps.remove(qpn).ok_or(abi::STATUS_BAD_HANDLE)?;
+        self.core.total_ring_pages -= (qp.sq.pages.len() + qp.rq.pages.len()) as u64;
         if let Some(pd) = self.core.pds.get_mut(qp.pd) {
             pd.refs = pd.refs.saturating_sub(1);
         }

@@ -52,6 +52,8 @@ pub struct DeviceConfig {
     pub max_mr_size: u64,
     /// Maximum MR pages over all MRs.
     pub max_total_mr_pages: u64,
+    /// Maximum ring pages over all SQs, RQs and CQs.
+    pub max_total_ring_pages: u64,
 }
 
 impl DeviceConfig {
@@ -74,6 +76,7 @@ impl DeviceConfig {
             max_ring_pages: 2048,
             max_mr_size: 1 << 32,
             max_total_mr_pages: 1 << 22,
+            max_total_ring_pages: 1 << 18,
         }
     }
 
@@ -153,6 +156,7 @@ impl DeviceConfig {
             page_size_cap: (12..=30).fold(0u64, |m, s| m | (1 << s)),
             node_guid: self.node_guid,
             max_total_mr_pages: self.max_total_mr_pages,
+            max_total_ring_pages: self.max_total_ring_pages,
         }
     }
 }

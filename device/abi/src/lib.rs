@@ -103,6 +103,8 @@ pub struct VrdmaConfig {
     pub node_guid: u64,
     /// Total MR pages the device accepts over all MRs (host memory budget).
     pub max_total_mr_pages: u64,
+    /// Total ring pages (SQ, RQ and CQ page lists together) the device accepts.
+    pub max_total_ring_pages: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -932,7 +934,7 @@ mod tests {
 
     #[test]
     fn layouts_are_fixed() {
-        assert_eq!(size_of::<VrdmaConfig>(), 96);
+        assert_eq!(size_of::<VrdmaConfig>(), 104);
         assert_eq!(size_of::<CtrlHdr>(), 8);
         assert_eq!(size_of::<CtrlResp>(), 8);
         assert_eq!(size_of::<PortAttr>(), 32);
