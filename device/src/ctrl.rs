@@ -308,7 +308,7 @@ impl State {
             return Err(abi::STATUS_INVALID);
         }
         let mem = self.core.memory().clone();
-        if !c.gpa.is_multiple_of(abi::VRDMA_PAGE_SIZE) || !mr::in_one_region(&mem, c.gpa, size) {
+        if !c.gpa.is_multiple_of(abi::VRDMA_PAGE_SIZE) || !mr::in_one_region(&mem, c.gpa, c.len) {
             return Err(abi::STATUS_BAD_ADDRESS);
         }
         self.core.db_gpa = Some(c.gpa);

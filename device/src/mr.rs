@@ -83,7 +83,9 @@ impl Mr {
         if length == 0 || !(12..=30).contains(&shift) {
             return None;
         }
-        let last = iova.checked_add(length - 1)?;
+        // The end, iova + length, must be representable (the MR may not touch 2^64).
+        iova.checked_add(length)?;
+        let last = iova + (length - 1);
         Some((last >> shift) - (iova >> shift) + 1)
     }
 

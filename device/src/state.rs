@@ -286,9 +286,15 @@ impl Core {
             abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD
         );
         let scatter = atomic || w.opcode == abi::WR_RDMA_READ;
+        if atomic && (w.flags & abi::SEND_F_INLINE != 0 || w.num_sge != 1) {
+            return Err(bad);
+        }
         if w.flags & abi::SEND_F_INLINE != 0 {
-            if scatter || w.inline_len > qp.max_inline {
+            if scatter {
                 return Err(bad);
+            }
+            if w.inline_len > qp.max_inline {
+                return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_WQE));
             }
             let mut data = vec![0u8; w.inline_len as usize];
             mem.read_slice(&mut data, GuestAddress(slot + abi::SEND_WQE_HDR as u64))
@@ -304,7 +310,7 @@ impl Core {
             wr.len = self.resolve_sges(qp.pd, &sges, scatter, &mut wr.local)?;
         }
         if atomic && (wr.len != 8 || !w.remote_addr.is_multiple_of(8)) {
-            return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_WQE));
+            return Err(bad);
         }
         if ud {
             let ah = self
@@ -518,8 +524,8 @@ impl DeviceOps for Core {
         if qp.attr.qp_access_flags & access == 0 {
             return None;
         }
-        if len == 0 && access == abi::ACCESS_REMOTE_WRITE {
-            // Zero-length RDMA WRITE: no key or address check (IB spec 9.4.1.1).
+        if len == 0 && access != abi::ACCESS_REMOTE_ATOMIC {
+            // Zero-length RDMA WRITE or READ: no memory access, so no key or address check.
             return Some(Vec::new());
         }
         let mr = self.mrs.get(rkey)?;
@@ -733,7 +739,10 @@ impl State {
         let core = &mut self.core;
         let mut done = Vec::new();
         core.draining.retain(|&qpn| {
-            let in_sqd = core.qps.get(qpn).is_some_and(|q| q.attr.qp_state == abi::QPS_SQD);
+            let in_sqd = core
+                .qps
+                .get(qpn)
+                .is_some_and(|q| q.attr.qp_state == abi::QPS_SQD);
             if in_sqd && backend.outstanding(qpn) == 0 {
                 done.push(qpn);
             }

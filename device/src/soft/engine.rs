@@ -403,6 +403,15 @@ impl SoftBackend {
                 let Some(segs) =
                     ops.resolve_remote(qpn, rkey, addr, payload.len(), abi::ACCESS_REMOTE_WRITE)
                 else {
+                    if imm.is_some() {
+                        // The receive this WRITE would have consumed completes in error.
+                        if let TakeRecv::Wr(r) = ops.take_recv(qpn) {
+                            ops.complete_recv(
+                                qpn,
+                                recv_completion(r.wr_id, abi::WC_LOC_ACCESS_ERR),
+                            );
+                        }
+                    }
                     self.reply(&pkt, pkt.psn, nak(Syndrome::NakAccess));
                     self.fail(ops, qpn, 0);
                     return;
@@ -566,7 +575,12 @@ impl SoftBackend {
         let recv = match ops.take_recv(qpn) {
             TakeRecv::Wr(r) => r,
             // Unreliable: no receive, no delivery.
-            TakeRecv::Empty | TakeRecv::Bad => return,
+            TakeRecv::Empty => return,
+            // The core completed the malformed receive with an error; the QP fails as for RC.
+            TakeRecv::Bad => {
+                self.fail(ops, qpn, abi::VENDOR_ERR_BAD_WQE);
+                return;
+            }
         };
         let total = abi::GRH_SIZE as u64 + payload.len();
         if total > recv.len {
