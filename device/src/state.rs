@@ -762,14 +762,14 @@ impl State {
         let max_qp = self.core.cfg.max_qp;
         let max_cq = self.core.cfg.max_cq;
         let sq_base = db + abi::DB_SQ_BITMAP_OFFSET;
-        for (word, bit) in take_bits(&mem, sq_base, max_qp) {
+        for (word, bit) in take_bits(&mem, db + abi::DB_SQ_SUMMARY_OFFSET, sq_base, max_qp) {
             let index = word * 64 + bit;
             if let Some((qpn, _)) = self.core.qps.by_index(index) {
                 self.process_sq(qpn);
             }
         }
         let cq_base = db + abi::db_cq_bitmap_offset(max_qp);
-        for (word, bit) in take_bits(&mem, cq_base, max_cq) {
+        for (word, bit) in take_bits(&mem, db + abi::DB_CQ_SUMMARY_OFFSET, cq_base, max_cq) {
             self.core.process_arm(word * 64 + bit);
         }
         self.settle();
@@ -882,27 +882,43 @@ impl State {
     }
 }
 
-/// Atomically takes (clears) every set bit of a doorbell bitmap covering indices `0..=max`.
-fn take_bits(mem: &GuestMemoryMmap, base: u64, max: u32) -> Vec<(u32, u32)> {
-    let bytes = abi::bitmap_bytes(max);
+/// Atomically takes (clears) the set bits of a doorbell bitmap covering indices `0..=max`,
+/// visiting only the words its summary word flags: summary first, then each flagged word, both
+/// with an atomic exchange (ABI §8.3). A driver sets the word bit before the summary bit, so a
+/// bit set after our summary exchange leaves its summary bit set for the next scan.
+fn take_bits(mem: &GuestMemoryMmap, summary_at: u64, base: u64, max: u32) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
+    let words = abi::bitmap_bytes(max) / 8;
     // The doorbell area was checked to lie in one region when it was registered.
-    let Ok(slice) = mem.get_slice(GuestAddress(base), bytes as usize) else {
+    let (Ok(sum), Ok(slice)) = (
+        mem.get_slice(GuestAddress(summary_at), 8),
+        mem.get_slice(GuestAddress(base), (words * 8) as usize),
+    ) else {
         return out;
     };
-    for w in 0..bytes / 8 {
-        let Ok(cell) = slice.get_atomic_ref::<AtomicU64>((w * 8) as usize) else {
-            return out;
-        };
-        // Cheap check first: most words are zero under load with few active QPs.
-        if cell.load(Ordering::Relaxed) == 0 {
-            continue;
-        }
-        let mut bits = cell.swap(0, Ordering::AcqRel);
-        while bits != 0 {
-            let b = bits.trailing_zeros();
-            bits &= bits - 1;
-            out.push((w as u32, b));
+    let Ok(sum) = sum.get_atomic_ref::<AtomicU64>(0) else {
+        return out;
+    };
+    if sum.load(Ordering::Relaxed) == 0 {
+        return out;
+    }
+    let mut flagged = sum.swap(0, Ordering::AcqRel);
+    while flagged != 0 {
+        let first = flagged.trailing_zeros() as u64;
+        flagged &= flagged - 1;
+        let mut w = first;
+        while w < words {
+            if let Ok(cell) = slice.get_atomic_ref::<AtomicU64>((w * 8) as usize) {
+                if cell.load(Ordering::Relaxed) != 0 {
+                    let mut bits = cell.swap(0, Ordering::AcqRel);
+                    while bits != 0 {
+                        let b = bits.trailing_zeros();
+                        bits &= bits - 1;
+                        out.push((w as u32, b));
+                    }
+                }
+            }
+            w += 64;
         }
     }
     out

@@ -392,7 +392,20 @@ impl Driver {
         let old = word.fetch_or(bit, Ordering::SeqCst);
         // Keep the dirty log honest (a real guest's write would be logged by the hypervisor).
         slice.bitmap().mark_dirty(0, 8);
-        Ok(old & bit != 0)
+        if old & bit != 0 {
+            return Ok(true);
+        }
+        // Then the summary bit of that word (ABI §8.2): word bit first, summary second.
+        let summary = if bitmap_offset == abi::DB_SQ_BITMAP_OFFSET {
+            abi::DB_SQ_SUMMARY_OFFSET
+        } else {
+            abi::DB_CQ_SUMMARY_OFFSET
+        };
+        let sslice = self.mem.get_slice(self.db.gpa.unchecked_add(summary), 8)?;
+        let sword = sslice.get_atomic_ref::<AtomicU64>(0)?;
+        sword.fetch_or(abi::db_summary_bit(index as u64 / 64), Ordering::SeqCst);
+        sslice.bitmap().mark_dirty(0, 8);
+        Ok(false)
     }
 
     /// Rings the doorbell for bit `index` of the bitmap at `bitmap_offset` (ABI §8.2): atomic

@@ -596,12 +596,26 @@ pub struct DoorbellHeader {
     pub device_flags: u32,
     /// Reserved for the driver, ignored by the device.
     pub driver_flags: u32,
+    /// SQ summary: bit `w % 64` set = SQ bitmap word `w` may have bits set.
+    pub sq_summary: u64,
+    /// CQ-arm summary: bit `w % 64` set = CQ-arm bitmap word `w` may have bits set.
+    pub cq_summary: u64,
     /// Reserved.
-    pub reserved: [u64; 7],
+    pub reserved: [u64; 5],
 }
 
 /// The device is polling the doorbell bitmaps: the driver need not notify.
 pub const DB_DEVICE_POLLING: u32 = 1;
+/// Byte offset of [`DoorbellHeader::sq_summary`].
+pub const DB_SQ_SUMMARY_OFFSET: u64 = 8;
+/// Byte offset of [`DoorbellHeader::cq_summary`].
+pub const DB_CQ_SUMMARY_OFFSET: u64 = 16;
+
+/// The summary word and bit that cover bitmap word `word`.
+pub const fn db_summary_bit(word: u64) -> u64 {
+    1 << (word % 64)
+}
+
 /// Byte offset of the SQ doorbell bitmap in the doorbell area.
 pub const DB_SQ_BITMAP_OFFSET: u64 = 64;
 
@@ -954,6 +968,14 @@ mod tests {
         assert_eq!(size_of::<Cqe>() as u32, CQE_SIZE);
         assert_eq!(std::mem::offset_of!(Cqe, owner) as u64, CQE_OWNER_OFFSET);
         assert_eq!(size_of::<Event>() as u32, EVENT_SIZE);
+        assert_eq!(
+            std::mem::offset_of!(DoorbellHeader, sq_summary) as u64,
+            DB_SQ_SUMMARY_OFFSET
+        );
+        assert_eq!(
+            std::mem::offset_of!(DoorbellHeader, cq_summary) as u64,
+            DB_CQ_SUMMARY_OFFSET
+        );
         assert_eq!(
             std::mem::offset_of!(RingHeader, cons) as u64,
             RING_CONS_OFFSET
