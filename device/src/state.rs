@@ -812,6 +812,9 @@ impl State {
 
     /// Delivers pending events into event-queue buffers and raises the interrupt (moderated).
     pub fn flush_events(&mut self) {
+        if self.core.events.is_empty() && self.core.events_dropped == 0 {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };

@@ -8,7 +8,7 @@
 //! invalid, operational). The *completer* retires WRs in order on responses, and drives the
 //! retry (ACK timeout) and RNR timers.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,12 +94,76 @@ pub fn wc_opcode(op: u8) -> u8 {
     }
 }
 
+/// QPs by table index (QPNs are dense, generation-checked handles): no hashing on the hot path.
+#[derive(Default)]
+struct QpMap {
+    slots: Vec<Option<SoftQp>>,
+    len: usize,
+}
+
+impl QpMap {
+    fn slot(qpn: &u32) -> usize {
+        abi::handle_index(*qpn) as usize
+    }
+
+    fn get(&self, qpn: &u32) -> Option<&SoftQp> {
+        self.slots
+            .get(Self::slot(qpn))?
+            .as_ref()
+            .filter(|q| q.info.qpn == *qpn)
+    }
+
+    fn get_mut(&mut self, qpn: &u32) -> Option<&mut SoftQp> {
+        self.slots
+            .get_mut(Self::slot(qpn))?
+            .as_mut()
+            .filter(|q| q.info.qpn == *qpn)
+    }
+
+    fn insert(&mut self, qpn: u32, qp: SoftQp) {
+        let i = Self::slot(&qpn);
+        if self.slots.len() <= i {
+            self.slots.resize_with(i + 1, || None);
+        }
+        if self.slots[i].replace(qp).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, qpn: &u32) {
+        if self.get(qpn).is_some() {
+            self.slots[Self::slot(qpn)] = None;
+            self.len -= 1;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.len = 0;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl std::ops::Index<&u32> for QpMap {
+    type Output = SoftQp;
+    fn index(&self, qpn: &u32) -> &SoftQp {
+        self.get(qpn).expect("QP exists")
+    }
+}
+
 /// The soft fabric's backend for one device.
 pub struct SoftBackend {
     port: Arc<Port>,
-    qps: HashMap<u32, SoftQp>,
-    timed: HashSet<u32>,
+    qps: QpMap,
+    /// QPNs with an armed timer (small: only QPs with traffic in flight).
+    timed: Vec<u32>,
     scheduled: Option<Instant>,
+    /// The time of the current device entry, read at most once per entry.
+    now: Option<Instant>,
+    inbox: VecDeque<Packet>,
     work: Work,
 }
 
@@ -116,16 +180,24 @@ impl SoftBackend {
     pub fn new(port: Arc<Port>) -> Self {
         Self {
             port,
-            qps: HashMap::new(),
-            timed: HashSet::new(),
+            qps: QpMap::default(),
+            timed: Vec::new(),
             scheduled: None,
+            now: None,
+            inbox: VecDeque::new(),
             work: Work::default(),
         }
     }
 
-    /// Ports that received packets since the last call.
+    /// Ports that received packets since the last call. Ends the current device entry.
     pub fn take_work(&mut self) -> Work {
+        self.now = None;
         std::mem::take(&mut self.work)
+    }
+
+    /// The current time, read once per device entry.
+    fn now(&mut self) -> Instant {
+        *self.now.get_or_insert_with(Instant::now)
     }
 
     /// Drops every QP and pending packet (device reset).
@@ -208,7 +280,9 @@ impl SoftBackend {
     fn arm_timer(&mut self, qpn: u32, at: Instant) {
         if let Some(qp) = self.qps.get_mut(&qpn) {
             qp.deadline = Some(at);
-            self.timed.insert(qpn);
+            if !self.timed.contains(&qpn) {
+                self.timed.push(qpn);
+            }
         }
     }
 
@@ -259,7 +333,8 @@ impl SoftBackend {
             self.send(pkt);
             if arm {
                 if let Some(us) = timeout {
-                    self.arm_timer(qpn, Instant::now() + Duration::from_micros(us));
+                    let at = self.now() + Duration::from_micros(us);
+                    self.arm_timer(qpn, at);
                 }
             }
         }
@@ -678,7 +753,7 @@ impl SoftBackend {
                             o.sent = false;
                         }
                         qp.rnr_wait = true;
-                        let at = Instant::now() + Duration::from_micros(rnr_timer_us(t));
+                        let at = self.now() + Duration::from_micros(rnr_timer_us(t));
                         self.arm_timer(qpn, at);
                         return;
                     }
@@ -741,10 +816,10 @@ impl SoftBackend {
         if let Some(qp) = self.qps.get_mut(&qpn) {
             qp.deadline = None;
             let inflight = qp.ops.iter().any(|o| o.sent);
-            if inflight {
-                if let Some(us) = ack_timeout_us(qp.info.timeout) {
-                    self.arm_timer(qpn, Instant::now() + Duration::from_micros(us));
-                }
+            let timeout = ack_timeout_us(qp.info.timeout);
+            if let (true, Some(us)) = (inflight, timeout) {
+                let at = self.now() + Duration::from_micros(us);
+                self.arm_timer(qpn, at);
             }
         }
         self.pump(ops, qpn);
@@ -796,7 +871,8 @@ impl SoftBackend {
             .filter_map(|q| self.qps.get(q).and_then(|qp| qp.deadline))
             .min();
         if let Some(at) = next {
-            let stale = self.scheduled.is_none_or(|s| at < s || s <= Instant::now());
+            let now = self.now();
+            let stale = self.scheduled.is_none_or(|s| at < s || s <= now);
             if stale {
                 self.scheduled = Some(at);
                 self.port.fabric().schedule(&self.port, at);
@@ -960,7 +1036,7 @@ impl Backend for SoftBackend {
 
     fn destroy_qp(&mut self, qpn: u32) {
         self.qps.remove(&qpn);
-        self.timed.remove(&qpn);
+        self.timed.retain(|&q| q != qpn);
     }
 
     fn post_send(&mut self, ops: &mut dyn DeviceOps, qpn: u32, wr: SendWr) {
@@ -994,10 +1070,18 @@ impl Backend for SoftBackend {
     }
 
     fn process(&mut self, ops: &mut dyn DeviceOps, now: Instant) {
-        for pkt in self.port.drain() {
+        self.now = Some(now);
+        let mut inbox = std::mem::take(&mut self.inbox);
+        self.port.drain_into(&mut inbox);
+        while let Some(pkt) = inbox.pop_front() {
             self.handle(ops, pkt);
+            self.port.drain_into(&mut inbox);
         }
-        self.expire(ops, now);
+        // Keep the buffer's capacity for the next entry.
+        self.inbox = inbox;
+        if !self.timed.is_empty() {
+            self.expire(ops, now);
+        }
         self.reschedule();
     }
 

@@ -21,6 +21,7 @@ pub mod packet;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -93,7 +94,8 @@ pub struct SoftFabric {
     next_id: Mutex<u64>,
     timer: Arc<TimerShared>,
     timer_thread: Mutex<Option<JoinHandle<()>>>,
-    stats: Mutex<FabricStats>,
+    delivered: AtomicU64,
+    unroutable: AtomicU64,
     self_ref: Weak<SoftFabric>,
 }
 
@@ -117,14 +119,18 @@ impl SoftFabric {
                 cv: Condvar::new(),
             }),
             timer_thread: Mutex::new(None),
-            stats: Mutex::new(FabricStats::default()),
+            delivered: AtomicU64::new(0),
+            unroutable: AtomicU64::new(0),
             self_ref: w.clone(),
         })
     }
 
     /// Counters.
     pub fn stats(&self) -> FabricStats {
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        FabricStats {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            unroutable: self.unroutable.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn attach(&self, port: Arc<Port>) -> Result<(), FabricError> {
@@ -166,15 +172,15 @@ impl SoftFabric {
             .unwrap_or_else(|e| e.into_inner())
             .get(&pkt.dst)
             .cloned();
-        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         match port {
             Some(p) => {
-                stats.delivered += 1;
-                drop(stats);
+                self.delivered.fetch_add(1, Ordering::Relaxed);
                 p.push(pkt);
                 work.add(&p);
             }
-            None => stats.unroutable += 1,
+            None => {
+                self.unroutable.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -330,9 +336,14 @@ impl Port {
             .push_back(pkt);
     }
 
-    /// Takes every pending inbound packet.
-    pub(crate) fn drain(&self) -> VecDeque<Packet> {
-        std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Moves every pending inbound packet to the back of `out`.
+    pub(crate) fn drain_into(&self, out: &mut VecDeque<Packet>) {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        if out.is_empty() {
+            std::mem::swap(&mut *inbox, out);
+        } else {
+            out.extend(inbox.drain(..));
+        }
     }
 
     /// Drops pending inbound packets (device reset).
