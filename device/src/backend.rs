@@ -11,7 +11,6 @@
 //! calls happen with the device lock held; a backend never blocks.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use vrdma_abi::Gid;
 
@@ -179,7 +178,7 @@ pub trait Backend: Send {
     /// Executes a send WR; its completion is reported through `ops` later or at once.
     fn post_send(&mut self, ops: &mut dyn DeviceOps, qpn: u32, wr: SendWr);
     /// Makes progress: inbound packets, responses, expired timers.
-    fn process(&mut self, ops: &mut dyn DeviceOps, now: Instant);
+    fn process(&mut self, ops: &mut dyn DeviceOps);
     /// WRs the backend holds for the QP (accepted, not yet completed).
     fn outstanding(&self, qpn: u32) -> usize;
 }

@@ -317,9 +317,9 @@ impl Vrdma {
     }
 
     /// Handles packets queued for this device and timers that expired. Called by the fabric.
-    pub(crate) fn process_fabric(&self, now: std::time::Instant) -> crate::soft::Work {
+    pub(crate) fn process_fabric(&self) -> crate::soft::Work {
         let mut st = self.lock();
-        st.process_inbound(&self.port, now);
+        st.process_inbound();
         st.take_fabric_work()
     }
 

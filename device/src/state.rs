@@ -777,15 +777,15 @@ impl State {
     }
 
     /// Handles inbound packets and timers.
-    pub fn process_inbound(&mut self, _port: &Port, now: Instant) {
+    pub fn process_inbound(&mut self) {
         if self.core.mem.is_none() {
             self.port.clear();
             return;
         }
-        self.backend.process(&mut self.core, now);
+        self.backend.process(&mut self.core);
         self.settle();
         if let Some(first) = self.core.moderation.first_pending {
-            if now >= first + Duration::from_micros(self.core.moderation.usec as u64) {
+            if Instant::now() >= first + Duration::from_micros(self.core.moderation.usec as u64) {
                 self.raise_event_irq();
             }
         }

@@ -18,7 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
 use vrdma_abi as abi;
 
 use super::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome};
-use super::{Port, Work};
+use super::{Port, RouteCache, Work};
 use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv};
 use crate::mr::{self, Seg};
 use crate::qp::{ack_timeout_us, rnr_timer_us};
@@ -164,6 +164,7 @@ pub struct SoftBackend {
     /// The time of the current device entry, read at most once per entry.
     now: Option<Instant>,
     inbox: VecDeque<Packet>,
+    route_cache: RouteCache,
     work: Work,
 }
 
@@ -185,6 +186,7 @@ impl SoftBackend {
             scheduled: None,
             now: None,
             inbox: VecDeque::new(),
+            route_cache: RouteCache::default(),
             work: Work::default(),
         }
     }
@@ -208,7 +210,9 @@ impl SoftBackend {
     }
 
     fn send(&mut self, pkt: Packet) {
-        self.port.fabric().route(pkt, &mut self.work);
+        self.port
+            .fabric()
+            .route_cached(pkt, &mut self.route_cache, &mut self.work);
     }
 
     fn reply(&mut self, req: &Packet, psn: u32, body: Body) {
@@ -865,6 +869,9 @@ impl SoftBackend {
     }
 
     fn reschedule(&mut self) {
+        if self.timed.is_empty() {
+            return;
+        }
         let next = self
             .timed
             .iter()
@@ -1069,17 +1076,18 @@ impl Backend for SoftBackend {
         self.reschedule();
     }
 
-    fn process(&mut self, ops: &mut dyn DeviceOps, now: Instant) {
-        self.now = Some(now);
+    fn process(&mut self, ops: &mut dyn DeviceOps) {
         let mut inbox = std::mem::take(&mut self.inbox);
         self.port.drain_into(&mut inbox);
+        // Packets that arrive meanwhile (e.g. to a QP of this device) put this port on the
+        // caller's work list again.
         while let Some(pkt) = inbox.pop_front() {
             self.handle(ops, pkt);
-            self.port.drain_into(&mut inbox);
         }
         // Keep the buffer's capacity for the next entry.
         self.inbox = inbox;
         if !self.timed.is_empty() {
+            let now = self.now();
             self.expire(ops, now);
         }
         self.reschedule();

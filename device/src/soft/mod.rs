@@ -40,6 +40,10 @@ pub enum FabricError {
     GidInUse([u8; 16]),
 }
 
+/// A sender's memory of its last destination port.
+#[derive(Default)]
+pub struct RouteCache(Option<(Gid, u64, Arc<Port>)>);
+
 /// Ports with pending inbound work, to be driven once the caller released its device lock.
 #[derive(Default, Debug)]
 pub struct Work {
@@ -96,6 +100,8 @@ pub struct SoftFabric {
     timer_thread: Mutex<Option<JoinHandle<()>>>,
     delivered: AtomicU64,
     unroutable: AtomicU64,
+    /// Bumped on every attach and detach; invalidates route caches.
+    epoch: AtomicU64,
     self_ref: Weak<SoftFabric>,
 }
 
@@ -121,6 +127,7 @@ impl SoftFabric {
             timer_thread: Mutex::new(None),
             delivered: AtomicU64::new(0),
             unroutable: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             self_ref: w.clone(),
         })
     }
@@ -139,6 +146,7 @@ impl SoftFabric {
             return Err(FabricError::GidInUse(port.gid.raw));
         }
         ports.insert(port.gid, port.clone());
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.by_id
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -151,6 +159,7 @@ impl SoftFabric {
         if ports.get(&port.gid).is_some_and(|p| p.id == port.id) {
             ports.remove(&port.gid);
         }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.by_id
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -184,12 +193,37 @@ impl SoftFabric {
         }
     }
 
+    /// Like [`SoftFabric::route`], remembering the last destination: consecutive packets to
+    /// the same GID skip the table lookup until a port attaches or detaches.
+    pub(crate) fn route_cached(&self, pkt: Packet, cache: &mut RouteCache, work: &mut Work) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if let Some((gid, e, port)) = &cache.0 {
+            if *gid == pkt.dst && *e == epoch {
+                let port = port.clone();
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                port.push(pkt);
+                work.add(&port);
+                return;
+            }
+        }
+        let port = self
+            .ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pkt.dst)
+            .cloned();
+        if let Some(p) = &port {
+            cache.0 = Some((pkt.dst, epoch, p.clone()));
+        }
+        self.route(pkt, work);
+    }
+
     /// Drives every port in `work` (and the ports their processing reaches) until no packet is
     /// pending. Must be called with no device lock held.
     pub fn run(&self, mut work: Work) {
         while let Some(port) = work.ports.pop() {
             if let Some(dev) = port.dev.upgrade() {
-                let more = dev.process_fabric(Instant::now());
+                let more = dev.process_fabric();
                 work.extend(more);
             }
         }
