@@ -80,8 +80,10 @@ pub enum TakeRecv {
     Wr(RecvWr),
     /// No receive WQE is posted (receiver not ready).
     Empty,
-    /// The next receive WQE is malformed; it was completed with an error and the QP failed.
-    Bad,
+    /// The next receive WQE is malformed (it was completed with an error; the vendor error
+    /// says why), or the receive queue overran (0: the QP already failed). The caller fails the
+    /// QP with this vendor error.
+    Bad(u32),
 }
 
 /// A completion, before it becomes a CQE.

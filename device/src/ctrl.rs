@@ -287,6 +287,9 @@ impl State {
             }
             abi::CMD_SET_INTR_MODERATION => {
                 let c: abi::CmdIntrModeration = req.obj()?;
+                if self.core.features & abi::VRDMA_F_INTR_MODERATION == 0 {
+                    return Err(abi::STATUS_UNSUPPORTED);
+                }
                 if (c.max_events > 1 && c.usec == 0) || c.usec > 1_000_000 {
                     return Err(abi::STATUS_INVALID);
                 }
@@ -325,6 +328,11 @@ impl State {
             return Err(abi::STATUS_BAD_HANDLE);
         }
         let remote_needs_write = abi::ACCESS_REMOTE_WRITE | abi::ACCESS_REMOTE_ATOMIC;
+        if c.access & abi::ACCESS_REMOTE_ATOMIC != 0
+            && self.core.features & abi::VRDMA_F_ATOMICS == 0
+        {
+            return Err(abi::STATUS_UNSUPPORTED);
+        }
         if c.access & !abi::ACCESS_ALL != 0
             || (c.access & remote_needs_write != 0 && c.access & abi::ACCESS_LOCAL_WRITE == 0)
             || c.length > cfg.max_mr_size
@@ -406,6 +414,9 @@ impl State {
         {
             return Err(abi::STATUS_BAD_HANDLE);
         }
+        if c.qp_type == abi::QPT_UD && self.core.features & abi::VRDMA_F_UD == 0 {
+            return Err(abi::STATUS_UNSUPPORTED);
+        }
         let cfg = &self.core.cfg;
         if !matches!(c.qp_type, abi::QPT_RC | abi::QPT_UD)
             || c.reserved != 0
@@ -483,6 +494,12 @@ impl State {
 
     fn cmd_modify_qp(&mut self, c: abi::CmdModifyQp) -> CmdResult {
         let max_rd = self.core.cfg.max_qp_rd_atom;
+        if c.attr_mask & abi::QP_ATTR_ACCESS_FLAGS != 0
+            && c.attr.qp_access_flags & abi::ACCESS_REMOTE_ATOMIC != 0
+            && self.core.features & abi::VRDMA_F_ATOMICS == 0
+        {
+            return Err(abi::STATUS_UNSUPPORTED);
+        }
         let qp = self.core.qps.get_mut(c.qpn).ok_or(abi::STATUS_BAD_HANDLE)?;
         let prev = qp.attr.qp_state;
         let mut attr = qp.attr;

@@ -117,6 +117,8 @@ pub(crate) struct Moderation {
 /// Everything the core owns; the backend sees it through [`DeviceOps`].
 pub(crate) struct Core {
     pub cfg: DeviceConfig,
+    /// Features the driver accepted (gates UD, atomics, moderation).
+    pub features: u64,
     pub mem: Option<Arc<GuestMemoryMmap>>,
     pub db_gpa: Option<u64>,
     pub pds: HandleTable<Pd>,
@@ -156,6 +158,7 @@ impl Core {
             qps: HandleTable::new(cfg.max_qp),
             ahs: HandleTable::new(cfg.max_ah),
             cfg,
+            features: 0,
             mem: None,
             db_gpa: None,
             total_mr_pages: 0,
@@ -286,7 +289,11 @@ impl Core {
             abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD
         );
         let scatter = atomic || w.opcode == abi::WR_RDMA_READ;
-        if atomic && (w.flags & abi::SEND_F_INLINE != 0 || w.num_sge != 1) {
+        if atomic
+            && (self.features & abi::VRDMA_F_ATOMICS == 0
+                || w.flags & abi::SEND_F_INLINE != 0
+                || w.num_sge != 1)
+        {
             return Err(bad);
         }
         if w.flags & abi::SEND_F_INLINE != 0 {
@@ -550,7 +557,7 @@ impl DeviceOps for Core {
         }
         if n > qp.rq.depth {
             self.set_error(qpn, abi::VENDOR_ERR_RING_OVERRUN);
-            return TakeRecv::Bad;
+            return TakeRecv::Bad(abi::VENDOR_ERR_RING_OVERRUN);
         }
         let idx = qp.rq_cons;
         let slot = qp.rq.slot(idx);
@@ -588,7 +595,7 @@ impl DeviceOps for Core {
                         ..Default::default()
                     },
                 );
-                TakeRecv::Bad
+                TakeRecv::Bad(vendor)
             }
         }
     }
@@ -635,6 +642,7 @@ impl State {
         irq: Arc<dyn Interrupt>,
     ) {
         self.core.mem = Some(mem.clone());
+        self.core.features = self.acked_features;
         self.active = Some(Active { mem, queues, irq });
     }
 

@@ -931,13 +931,21 @@ impl Driver {
     // Connection helpers
     // -----------------------------------------------------------------------------------------
 
-    /// [`RcParams::new`] with the READ/atomic depths clamped to the device's `max_qp_rd_atom`.
+    /// [`RcParams::new`] with the READ/atomic depths clamped to the device's `max_qp_rd_atom`,
+    /// and without remote atomic access unless `VRDMA_F_ATOMICS` was negotiated.
     pub fn rc_params(&self, remote_qpn: u32, remote_gid: Gid) -> RcParams {
         let rd = self.config.max_qp_rd_atom.min(16) as u8;
+        let base = RcParams::new(remote_qpn, remote_gid);
+        let access_flags = if self.features() & abi::VRDMA_F_ATOMICS != 0 {
+            base.access_flags
+        } else {
+            base.access_flags & !abi::ACCESS_REMOTE_ATOMIC
+        };
         RcParams {
             max_rd_atomic: rd,
             max_dest_rd_atomic: rd,
-            ..RcParams::new(remote_qpn, remote_gid)
+            access_flags,
+            ..base
         }
     }
 

@@ -446,9 +446,9 @@ impl SoftBackend {
                         self.reply(&pkt, pkt.psn, nak(Syndrome::RnrNak(t)));
                         return;
                     }
-                    TakeRecv::Bad => {
+                    TakeRecv::Bad(vendor) => {
                         self.reply(&pkt, pkt.psn, nak(Syndrome::NakOperational));
-                        self.fail(ops, qpn, abi::VENDOR_ERR_BAD_WQE);
+                        self.fail(ops, qpn, vendor);
                         return;
                     }
                 };
@@ -503,9 +503,9 @@ impl SoftBackend {
                             self.reply(&pkt, pkt.psn, nak(Syndrome::RnrNak(t)));
                             return;
                         }
-                        TakeRecv::Bad => {
+                        TakeRecv::Bad(vendor) => {
                             self.reply(&pkt, pkt.psn, nak(Syndrome::NakOperational));
-                            self.fail(ops, qpn, abi::VENDOR_ERR_BAD_WQE);
+                            self.fail(ops, qpn, vendor);
                             return;
                         }
                     }
@@ -656,8 +656,8 @@ impl SoftBackend {
             // Unreliable: no receive, no delivery.
             TakeRecv::Empty => return,
             // The core completed the malformed receive with an error; the QP fails as for RC.
-            TakeRecv::Bad => {
-                self.fail(ops, qpn, abi::VENDOR_ERR_BAD_WQE);
+            TakeRecv::Bad(vendor) => {
+                self.fail(ops, qpn, vendor);
                 return;
             }
         };
