@@ -326,3 +326,176 @@ mod tests {
         assert!((s.t_avg_us - 50.5).abs() < 1e-9);
     }
 }
+
+/// Result of a bandwidth run.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BwStats {
+    /// `write_bw`.
+    pub test: &'static str,
+    /// `device`.
+    pub path: &'static str,
+    /// Message size.
+    pub bytes: u64,
+    /// QP pairs.
+    pub qps: u32,
+    /// WQEs per doorbell (one `post_send` call).
+    pub batch: u32,
+    /// Messages completed.
+    pub msgs: u64,
+    /// Million messages per second.
+    pub msg_rate_mpps: f64,
+    /// Gigabits per second of payload.
+    pub bw_gbps: f64,
+    /// Time from the first post to the first completion, in microseconds.
+    pub first_completion_us: f64,
+}
+
+/// Guest pair with `qps` connected RC QP pairs sharing one CQ per side, and a receive buffer
+/// of `size` bytes per QP at the peer.
+pub struct MultiPair {
+    /// Fabric.
+    pub fabric: Arc<SoftFabric>,
+    /// Sender side.
+    pub a: MultiSide,
+    /// Receiver side.
+    pub b: MultiSide,
+}
+
+/// One side of a [`MultiPair`].
+pub struct MultiSide {
+    /// The guest.
+    pub vm: Vm,
+    /// Driver.
+    pub d: Driver,
+    /// Buffer of `qps * size` bytes (at least 64 per QP).
+    pub buf: Buffer,
+    /// Its MR.
+    pub mr: Mr,
+    /// Shared CQ.
+    pub cq: Cq,
+    /// QPs.
+    pub qps: Vec<Qp>,
+}
+
+/// Builds a [`MultiPair`] with SQs of `sq_depth`.
+pub fn multi_pair(qps: u32, size: u64, sq_depth: u32) -> Result<MultiPair, String> {
+    let fabric = SoftFabric::new();
+    let slot = size.max(64);
+    let e = |e: vrdma_guest::Error| e.to_string();
+    let mk = |id: u32| -> Result<MultiSide, String> {
+        let vm = Vm::new(&fabric, id);
+        let d = Driver::probe(
+            vm.port(),
+            vm.mem.clone(),
+            GuestAlloc::new(GuestAddress(ALLOC_BASE), GUEST_RAM - ALLOC_BASE),
+        )
+        .map_err(e)?;
+        let pd = d.alloc_pd().map_err(e)?;
+        let buf = d
+            .alloc_buffer(slot * qps as u64, Layout::Any)
+            .map_err(e)?;
+        let mr = d.reg_mr(pd, &buf, ACCESS_ALL).map_err(e)?;
+        // Room for every signaled completion that can be outstanding.
+        let cq = d.create_cq((qps * sq_depth).clamp(256, 65536)).map_err(e)?;
+        let mut v = Vec::with_capacity(qps as usize);
+        for _ in 0..qps {
+            let attr = QpInitAttr {
+                max_send_wr: sq_depth,
+                max_recv_wr: 1,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline: 0,
+                ..QpInitAttr::rc(&cq)
+            };
+            v.push(d.create_qp(pd, &attr).map_err(e)?);
+        }
+        Ok(MultiSide {
+            vm,
+            d,
+            buf,
+            mr,
+            cq,
+            qps: v,
+        })
+    };
+    let a = mk(1)?;
+    let b = mk(2)?;
+    let (ga, gb) = (a.d.gid().map_err(e)?, b.d.gid().map_err(e)?);
+    for (qa, qb) in a.qps.iter().zip(&b.qps) {
+        a.d.connect_rc(qa, qb.qpn(), gb).map_err(e)?;
+        b.d.connect_rc(qb, qa.qpn(), ga).map_err(e)?;
+    }
+    Ok(MultiPair { fabric, a, b })
+}
+
+/// `write-bw`: one sender thread posts `size`-byte RDMA WRITEs round-robin over `qps` QPs,
+/// `batch` WQEs per doorbell (the last one signaled), for `msgs` messages in total.
+pub fn write_bw_device(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwStats, String> {
+    let batch = batch.max(1);
+    // Two batches in flight per QP keep the pipe full without overrunning the SQ.
+    let sq_depth = (2 * batch).next_power_of_two().max(16);
+    let mut p = multi_pair(qps, size, sq_depth)?;
+    let slot = size.max(64);
+    let a = &mut p.a;
+    let (raddr, rkey) = (p.b.mr.iova, p.b.mr.rkey);
+    let mut inflight = vec![0u32; qps as usize];
+    let mut cqes = vec![Cqe::default(); 4096];
+    let mut posted = 0u64;
+    let mut done = 0u64;
+    let mut first_completion = None;
+    let sge_len = size as u32;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    let mut q = 0usize;
+    let mut wrs: Vec<SendWr> = Vec::with_capacity(batch as usize);
+    let sges: Vec<[vrdma_abi::Sge; 1]> = (0..qps as u64)
+        .map(|i| [a.mr.sge(i * slot, sge_len)])
+        .collect();
+    while done < msgs {
+        // Post one batch on the next QP with room.
+        if posted < msgs && inflight[q] + batch <= sq_depth {
+            let n = batch.min((msgs - posted) as u32);
+            wrs.clear();
+            for k in 0..n {
+                let wr = SendWr::write(
+                    q as u64,
+                    &sges[q],
+                    raddr + q as u64 * slot,
+                    rkey,
+                );
+                wrs.push(if k + 1 == n { wr } else { wr.unsignaled() });
+            }
+            a.d.post_send(&mut a.qps[q], &wrs).map_err(|e| e.to_string())?;
+            inflight[q] += n;
+            posted += n as u64;
+        }
+        q = (q + 1) % qps as usize;
+        // Reap completions: each signaled CQE retires its whole batch.
+        let n = a.d.poll_cq(&mut a.cq, &mut cqes);
+        for c in &cqes[..n] {
+            if c.status != WC_SUCCESS {
+                return Err(format!("completion status {}", c.status));
+            }
+            let qi = c.wr_id as usize;
+            let retired = batch.min(inflight[qi]);
+            inflight[qi] -= retired;
+            done += retired as u64;
+            first_completion.get_or_insert_with(|| start.elapsed());
+        }
+        if Instant::now() > deadline {
+            return Err("write-bw timed out".into());
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(BwStats {
+        test: "write_bw",
+        path: "device",
+        bytes: size,
+        qps,
+        batch,
+        msgs: done,
+        msg_rate_mpps: done as f64 / secs / 1e6,
+        bw_gbps: done as f64 * size as f64 * 8.0 / secs / 1e9,
+        first_completion_us: first_completion.map_or(0.0, |d| d.as_secs_f64() * 1e6),
+    })
+}

@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vrdma_tests::perf::{write_lat_device, write_lat_shm, LatStats};
+use vrdma_tests::perf::{write_bw_device, write_lat_device, write_lat_shm, LatStats};
 
 #[derive(Parser)]
 #[command(name = "vrdma-perf", about = "vrdma benchmarks (perftest semantics)")]
@@ -34,6 +34,24 @@ enum Test {
         #[arg(long)]
         inline: bool,
         /// One JSON object per line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// RDMA WRITE message rate and bandwidth from one sender thread.
+    WriteBw {
+        /// Message size in bytes.
+        #[arg(short = 's', long = "size", default_value_t = 64)]
+        size: u64,
+        /// QP pairs (comma-separated list to sweep, e.g. 1,16,256,4096).
+        #[arg(long = "qps", default_value = "1", value_delimiter = ',')]
+        qps: Vec<u32>,
+        /// WQEs per doorbell (comma-separated list to sweep).
+        #[arg(long = "batch", default_value = "32", value_delimiter = ',')]
+        batch: Vec<u32>,
+        /// Messages per run.
+        #[arg(short = 'n', long = "iters", default_value_t = 1_000_000)]
+        iters: u64,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -88,6 +106,49 @@ fn main() -> ExitCode {
                         "# {s} B: device/shm t_typical ratio {:.1}",
                         dev.t_typical_us / shm.t_typical_us.max(1e-9)
                     );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Test::WriteBw {
+            size,
+            qps,
+            batch,
+            iters,
+            json,
+        } => {
+            if size == 0 || size > 8 << 20 {
+                eprintln!("error: --size must be 1 ..= 8388608");
+                return ExitCode::FAILURE;
+            }
+            if !json {
+                println!("# vrdma-perf write-bw: one sender thread, two in-process guests");
+                println!(
+                    " {:<8} {:<6} {:<6} {:<10} {:<12} {:<10} {}",
+                    "#bytes", "qps", "batch", "msgs", "rate[Mpps]", "bw[Gb/s]", "first_cqe[usec]"
+                );
+            }
+            for &n in &qps {
+                for &b in &batch {
+                    match write_bw_device(size, n, b, iters) {
+                        Ok(st) if json => {
+                            println!("{}", serde_json::to_string(&st).unwrap_or_default())
+                        }
+                        Ok(st) => println!(
+                            " {:<8} {:<6} {:<6} {:<10} {:<12.3} {:<10.2} {:.1}",
+                            st.bytes,
+                            st.qps,
+                            st.batch,
+                            st.msgs,
+                            st.msg_rate_mpps,
+                            st.bw_gbps,
+                            st.first_completion_us
+                        ),
+                        Err(e) => {
+                            eprintln!("error: write-bw {n} QPs batch {b}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
                 }
             }
             ExitCode::SUCCESS
