@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use vrdma_abi::Gid;
 
-use crate::mr::Seg;
+use crate::mr::SegList;
 use crate::GuestMemoryMmap;
 
 /// A validated send work request.
@@ -31,7 +31,7 @@ pub struct SendWr {
     /// Immediate data.
     pub imm: Option<u32>,
     /// Gather list (SEND/WRITE) or scatter list (READ, atomic result), in local guest memory.
-    pub local: Vec<Seg>,
+    pub local: SegList,
     /// Inline payload (copied from the WQE when it was fetched).
     pub inline: Option<Vec<u8>>,
     /// Message length in bytes.
@@ -68,7 +68,7 @@ pub struct RecvWr {
     /// The guest's WR id.
     pub wr_id: u64,
     /// Scatter list.
-    pub segs: Vec<Seg>,
+    pub segs: SegList,
     /// Capacity in bytes.
     pub len: u64,
 }
@@ -157,7 +157,7 @@ pub trait DeviceOps {
         addr: u64,
         len: u64,
         access: u32,
-    ) -> Option<Vec<Seg>>;
+    ) -> Option<SegList>;
     /// Takes the next receive WQE of the QP.
     fn take_recv(&mut self, qpn: u32) -> TakeRecv;
     /// A send WR finished. A CQE is written if `signaled` or the status is an error.

@@ -7,6 +7,10 @@ use vrdma_abi as abi;
 
 use crate::GuestMemoryMmap;
 
+/// A scatter/gather list of guest segments; most lists have one or two entries, which live
+/// inline (no allocation on the data path).
+pub type SegList = smallvec::SmallVec<[Seg; 2]>;
+
 /// A contiguous piece of guest-physical memory, inside one memory region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seg {
@@ -138,7 +142,7 @@ impl Mr {
 
     /// Appends the guest segments backing `[addr, addr + len)` to `out`. Returns false (and
     /// appends nothing) if the range is not wholly inside the MR.
-    pub fn resolve(&self, addr: u64, len: u64, out: &mut Vec<Seg>) -> bool {
+    pub fn resolve(&self, addr: u64, len: u64, out: &mut SegList) -> bool {
         if len == 0 {
             // A zero-length SGE transfers nothing: its address is not checked.
             return true;
@@ -167,7 +171,7 @@ impl Mr {
     }
 }
 
-fn push_seg(out: &mut Vec<Seg>, gpa: u64, len: u64) {
+fn push_seg(out: &mut SegList, gpa: u64, len: u64) {
     // Runs are already merged where that is safe (same region); merging here could join two
     // adjacent regions, which no single slice can span.
     out.push(Seg { gpa, len });
@@ -277,10 +281,10 @@ mod tests {
         // iova starts 100 bytes into its first page; pages are out of order.
         let pages = vec![0x3000, 0x1000, 0x2000];
         let mr = Mr::new(&m, 1, 0, 0x10064, 8192, 12, pages).unwrap();
-        let mut out = vec![];
+        let mut out = SegList::new();
         assert!(mr.resolve(0x10064, 8192, &mut out));
         assert_eq!(
-            out,
+            out.to_vec(),
             vec![
                 Seg {
                     gpa: 0x3064,
@@ -333,7 +337,7 @@ mod tests {
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096), (GuestAddress(4096), 4096)])
                 .unwrap();
         let mr = Mr::new(&m, 1, 0, 0, 8192, 12, vec![0, 4096]).unwrap();
-        let mut out = vec![];
+        let mut out = SegList::new();
         assert!(mr.resolve(0, 8192, &mut out));
         assert_eq!(out.len(), 2);
         let dst = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();

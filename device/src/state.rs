@@ -13,7 +13,7 @@ use vrdma_abi::{self as abi, QpAttr};
 use crate::backend::{Backend, Completion, DeviceOps, QpInfo, RecvWr, SendWr, TakeRecv, UdDest};
 use crate::device::DeviceConfig;
 use crate::interrupt::{Interrupt, InterruptKind};
-use crate::mr::{Mr, Seg};
+use crate::mr::{Mr, SegList};
 use crate::ring::Ring;
 use crate::soft::engine::{wc_opcode, SoftBackend};
 use crate::soft::{Port, Work};
@@ -191,7 +191,7 @@ impl Core {
         pd: u32,
         sges: &[abi::Sge],
         write: bool,
-        out: &mut Vec<Seg>,
+        out: &mut SegList,
     ) -> Result<u64, WqeError> {
         let mut total = 0u64;
         for s in sges {
@@ -526,20 +526,20 @@ impl DeviceOps for Core {
         addr: u64,
         len: u64,
         access: u32,
-    ) -> Option<Vec<Seg>> {
+    ) -> Option<SegList> {
         let qp = self.qps.get(qpn)?;
         if qp.attr.qp_access_flags & access == 0 {
             return None;
         }
         if len == 0 && access != abi::ACCESS_REMOTE_ATOMIC {
             // Zero-length RDMA WRITE or READ: no memory access, so no key or address check.
-            return Some(Vec::new());
+            return Some(SegList::new());
         }
         let mr = self.mrs.get(rkey)?;
         if mr.pd != qp.pd || mr.access & access == 0 {
             return None;
         }
-        let mut out = Vec::new();
+        let mut out = SegList::new();
         mr.resolve(addr, len, &mut out).then_some(out)
     }
 
@@ -565,7 +565,7 @@ impl DeviceOps for Core {
         let w = mem
             .read_obj::<abi::RecvWqe>(GuestAddress(slot))
             .unwrap_or_default();
-        let mut segs = Vec::new();
+        let mut segs = SegList::new();
         let res = if w.num_sge > max_sge {
             Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))
         } else {

@@ -36,13 +36,19 @@ fuzz_target!(|data: &[u8]| {
     let cfg = g.t.device().config().clone();
     let db_len = abi::doorbell_area_size(cfg.max_qp, cfg.max_cq);
     if setup & 1 != 0 {
-        let c = abi::CmdSetDoorbellArea { gpa: DB, len: db_len };
+        let c = abi::CmdSetDoorbellArea {
+            gpa: DB,
+            len: db_len,
+        };
         let (st, _) = g.ctrl(abi::CMD_SET_DOORBELL_AREA, c.as_slice(), &[], 0);
         assert_eq!(st, abi::STATUS_OK);
         if setup & 2 != 0 {
             let (st, _) = g.ctrl(abi::CMD_CREATE_PD, &[], &[], 8);
             assert_eq!(st, abi::STATUS_OK);
-            let cq = abi::CmdCreateCq { depth: 16, npages: 1 };
+            let cq = abi::CmdCreateCq {
+                depth: 16,
+                npages: 1,
+            };
             let (st, _) = g.ctrl(abi::CMD_CREATE_CQ, cq.as_slice(), &[FREE], 8);
             assert_eq!(st, abi::STATUS_OK);
         }
@@ -82,7 +88,8 @@ fuzz_target!(|data: &[u8]| {
                     let raw = inp.u64();
                     // Mostly inside the scratch areas, sometimes anywhere.
                     let addr = if raw >> 63 == 1 {
-                        raw & !(1 << 63)
+                        // Anywhere but the raw driver's queues.
+                        (raw & !(1 << 63)).max(FREE)
                     } else {
                         [REQ, RESP][raw as usize & 1] + (raw >> 1) % 0x1_0000
                     };
@@ -96,9 +103,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 g.push(0, &descs, head);
                 g.notify(0);
-                for (_, len) in g.drain_used(0) {
-                    assert!(len <= 0x10_0000, "used length {len} beyond any chain here");
-                }
+                let _ = g.drain_used(0);
             }
             4 => {
                 let word = inp.u16() as u64 % (db_len / 8);
@@ -109,19 +114,17 @@ fuzz_target!(|data: &[u8]| {
                 g.notify(1);
             }
             _ => {
-                let off = inp.u16() as u64 % 0x100;
+                let off = (inp.u16() as u64 % 0x100) & !3;
                 let v = inp.u32();
-                // Keep the transport live: no resets, no status or queue programming.
-                if ![reg::STATUS, reg::QUEUE_READY].contains(&off) && !(0x80..0xb0).contains(&off)
-                {
-                    g.w32(off & !3, v);
+                // Keep the transport live: no resets, no status or queue programming (that is
+                // the MMIO sweep of the hostile tests).
+                if ![reg::STATUS, reg::QUEUE_READY].contains(&off) && !(0x80..0xb0).contains(&off) {
+                    g.w32(off, v);
                 }
             }
         }
         // Keep the readable/writable scratch sane for the next request.
-        g.mem
-            .write_slice(&[0u8; 16], GuestAddress(RESP))
-            .unwrap();
+        g.mem.write_slice(&[0u8; 16], GuestAddress(RESP)).unwrap();
     }
     g.assert_alive();
 });

@@ -20,7 +20,7 @@ use vrdma_abi as abi;
 use super::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome};
 use super::{Port, RouteCache, Work};
 use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv};
-use crate::mr::{self, Seg};
+use crate::mr::{self, Seg, SegList};
 use crate::qp::{ack_timeout_us, rnr_timer_us};
 
 /// Saved results of recent atomics per QP, for replaying duplicates.
@@ -59,6 +59,13 @@ struct SoftQp {
     epsn: u32,
     msn: u32,
     atomic_replay: VecDeque<(u32, u64)>,
+    /// Ops `[0, sent)` are on the wire, the rest not yet (sends happen in order).
+    sent: usize,
+    /// READ/atomic ops among the sent ones.
+    rd_out: u32,
+    /// Responder: a positive ACK not sent yet. ACKs are coalesced over one inbox drain: the
+    /// last one acknowledges every request before it.
+    ack_due: Option<Packet>,
 }
 
 impl SoftQp {
@@ -74,7 +81,29 @@ impl SoftQp {
             epsn: 0,
             msn: 0,
             atomic_replay: VecDeque::new(),
+            sent: 0,
+            rd_out: 0,
+            ack_due: None,
         }
+    }
+
+    /// Retires the head op.
+    fn pop_front(&mut self) -> Option<ReqOp> {
+        let op = self.ops.pop_front()?;
+        if op.sent {
+            self.sent -= 1;
+            self.rd_out -= op.is_rd_atomic() as u32;
+        }
+        Some(op)
+    }
+
+    /// Go back N: everything not acknowledged is sent again, from the head.
+    fn unsend_all(&mut self) {
+        for o in self.ops.iter_mut() {
+            o.sent = false;
+        }
+        self.sent = 0;
+        self.rd_out = 0;
     }
 
     fn npsn(&self, len: u64) -> u32 {
@@ -165,6 +194,8 @@ pub struct SoftBackend {
     now: Option<Instant>,
     inbox: VecDeque<Packet>,
     route_cache: RouteCache,
+    /// QPs with an `ack_due`.
+    acks: Vec<u32>,
     work: Work,
 }
 
@@ -187,6 +218,7 @@ impl SoftBackend {
             now: None,
             inbox: VecDeque::new(),
             route_cache: RouteCache::default(),
+            acks: Vec::new(),
             work: Work::default(),
         }
     }
@@ -216,6 +248,14 @@ impl SoftBackend {
     }
 
     fn reply(&mut self, req: &Packet, psn: u32, body: Body) {
+        // Responses of one QP leave in order: a deferred ACK goes first.
+        if let Some(ack) = self
+            .qps
+            .get_mut(&req.dst_qpn)
+            .and_then(|q| q.ack_due.take())
+        {
+            self.send(ack);
+        }
         let pkt = Packet {
             src: req.dst,
             dst: req.src,
@@ -257,6 +297,8 @@ impl SoftBackend {
             return;
         };
         let held = std::mem::take(&mut qp.ops);
+        qp.sent = 0;
+        qp.rd_out = 0;
         qp.deadline = None;
         qp.rnr_wait = false;
         for op in held {
@@ -275,7 +317,7 @@ impl SoftBackend {
 
     /// Completes the head op with `status` and fails the QP.
     fn fail_head(&mut self, ops: &mut dyn DeviceOps, qpn: u32, status: u8, vendor_err: u32) {
-        if let Some(op) = self.qps.get_mut(&qpn).and_then(|q| q.ops.pop_front()) {
+        if let Some(op) = self.qps.get_mut(&qpn).and_then(|q| q.pop_front()) {
             Self::complete_op(ops, qpn, &op, status, vendor_err);
         }
         self.fail(ops, qpn, vendor_err);
@@ -306,28 +348,20 @@ impl SoftBackend {
                     return;
                 }
             }
-            let mut rd_out = 0u32;
-            let mut next = None;
-            for (i, op) in qp.ops.iter().enumerate() {
-                if op.wr.error.is_some() {
-                    break;
-                }
-                if op.sent {
-                    rd_out += op.is_rd_atomic() as u32;
-                    continue;
-                }
-                if op.is_rd_atomic() && rd_out >= (qp.info.max_rd_atomic as u32).max(1) {
-                    break;
-                }
-                if op.wr.flags & abi::SEND_F_FENCE != 0 && rd_out > 0 {
-                    break;
-                }
-                next = Some(i);
-                break;
-            }
-            let Some(i) = next else {
+            // The next op to send is the first unsent one (sends happen in order).
+            let i = qp.sent;
+            let rd_out = qp.rd_out;
+            let Some(op) = qp.ops.get(i) else {
                 return;
             };
+            if op.wr.error.is_some()
+                || (op.is_rd_atomic() && rd_out >= (qp.info.max_rd_atomic as u32).max(1))
+                || (op.wr.flags & abi::SEND_F_FENCE != 0 && rd_out > 0)
+            {
+                return;
+            }
+            qp.sent += 1;
+            qp.rd_out += op.is_rd_atomic() as u32;
             let op = &mut qp.ops[i];
             op.sent = true;
             let mut pkt = build_request(ops.memory(), &qp.info, op);
@@ -428,7 +462,7 @@ impl SoftBackend {
             return;
         }
         if d < 0 {
-            self.duplicate(ops, qpn, pkt, npsn);
+            self.duplicate(ops, qpn, pkt);
             return;
         }
         let last = psn::add(pkt.psn, npsn - 1);
@@ -537,7 +571,7 @@ impl SoftBackend {
                 };
                 let payload = Payload::Guest {
                     mem: ops.memory().clone(),
-                    segs: Arc::new(segs),
+                    segs,
                 };
                 if let Some(qp) = self.qps.get_mut(&qpn) {
                     qp.epsn = psn::add(qp.epsn, npsn);
@@ -581,17 +615,41 @@ impl SoftBackend {
         } else {
             0
         };
-        self.reply(
-            &pkt,
-            last,
-            Body::Ack {
+        self.defer_ack(&pkt, last, msn);
+    }
+
+    /// Records a positive ACK for `req`'s QP, to be sent when the inbox drain ends (or before
+    /// any other response of that QP).
+    fn defer_ack(&mut self, req: &Packet, psn: u32, msn: u32) {
+        let Some(qp) = self.qps.get_mut(&req.dst_qpn) else {
+            return;
+        };
+        let first = qp.ack_due.is_none();
+        qp.ack_due = Some(Packet {
+            src: req.dst,
+            dst: req.src,
+            src_qpn: req.dst_qpn,
+            dst_qpn: req.src_qpn,
+            psn,
+            body: Body::Ack {
                 syndrome: Syndrome::Ack,
                 msn,
             },
-        );
+        });
+        if first {
+            self.acks.push(req.dst_qpn);
+        }
     }
 
-    fn duplicate(&mut self, ops: &mut dyn DeviceOps, qpn: u32, pkt: Packet, npsn: u32) {
+    fn flush_acks(&mut self) {
+        while let Some(qpn) = self.acks.pop() {
+            if let Some(ack) = self.qps.get_mut(&qpn).and_then(|q| q.ack_due.take()) {
+                self.send(ack);
+            }
+        }
+    }
+
+    fn duplicate(&mut self, ops: &mut dyn DeviceOps, qpn: u32, pkt: Packet) {
         let Some(qp) = self.qps.get(&qpn) else {
             return;
         };
@@ -608,22 +666,16 @@ impl SoftBackend {
                 {
                     let payload = Payload::Guest {
                         mem: ops.memory().clone(),
-                        segs: Arc::new(segs),
+                        segs,
                     };
                     self.reply(&pkt, pkt.psn, Body::ReadResp { payload });
                 }
             }
             _ => {
                 let msn = qp.msn;
-                let last = psn::add(pkt.psn, npsn - 1);
-                self.reply(
-                    &pkt,
-                    last,
-                    Body::Ack {
-                        syndrome: Syndrome::Ack,
-                        msn,
-                    },
-                );
+                // Re-acknowledge up to the last PSN received so far.
+                let last = psn::add(qp.epsn, psn::MASK);
+                self.defer_ack(&pkt, last, msn);
             }
         }
     }
@@ -704,7 +756,7 @@ impl SoftBackend {
             if !front.sent || front.is_rd_atomic() || !covered {
                 return;
             }
-            let op = qp.ops.pop_front().expect("front exists");
+            let op = qp.pop_front().expect("front exists");
             qp.retry_left = qp.info.retry_cnt;
             qp.rnr_left = qp.info.rnr_retry;
             Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
@@ -753,18 +805,14 @@ impl SoftBackend {
                         if qp.info.rnr_retry != 7 {
                             qp.rnr_left -= 1;
                         }
-                        for o in qp.ops.iter_mut() {
-                            o.sent = false;
-                        }
+                        qp.unsend_all();
                         qp.rnr_wait = true;
                         let at = self.now() + Duration::from_micros(rnr_timer_us(t));
                         self.arm_timer(qpn, at);
                         return;
                     }
                     Syndrome::NakSeq => {
-                        for o in qp.ops.iter_mut() {
-                            o.sent = false;
-                        }
+                        qp.unsend_all();
                         qp.deadline = None;
                     }
                     Syndrome::NakAccess => {
@@ -792,7 +840,7 @@ impl SoftBackend {
                 if !matches {
                     return;
                 }
-                let op = qp.ops.pop_front().expect("front exists");
+                let op = qp.pop_front().expect("front exists");
                 qp.retry_left = qp.info.retry_cnt;
                 payload.copy_to(ops.memory(), &op.wr.local);
                 Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
@@ -809,7 +857,7 @@ impl SoftBackend {
                 if !matches {
                     return;
                 }
-                let op = qp.ops.pop_front().expect("front exists");
+                let op = qp.pop_front().expect("front exists");
                 qp.retry_left = qp.info.retry_cnt;
                 mr::write_segs(ops.memory(), &op.wr.local, &orig.to_le_bytes());
                 Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
@@ -819,7 +867,7 @@ impl SoftBackend {
         // Progress: restart the ACK timer for what is still in flight, then send more.
         if let Some(qp) = self.qps.get_mut(&qpn) {
             qp.deadline = None;
-            let inflight = qp.ops.iter().any(|o| o.sent);
+            let inflight = qp.sent > 0;
             let timeout = ack_timeout_us(qp.info.timeout);
             if let (true, Some(us)) = (inflight, timeout) {
                 let at = self.now() + Duration::from_micros(us);
@@ -849,7 +897,7 @@ impl SoftBackend {
             if qp.rnr_wait {
                 qp.rnr_wait = false;
             } else {
-                if !qp.ops.iter().any(|o| o.sent) {
+                if qp.sent == 0 {
                     continue;
                 }
                 if qp.retry_left == 0 {
@@ -857,9 +905,7 @@ impl SoftBackend {
                     continue;
                 }
                 qp.retry_left -= 1;
-                for o in qp.ops.iter_mut() {
-                    o.sent = false;
-                }
+                qp.unsend_all();
             }
             self.pump(ops, qpn);
         }
@@ -910,7 +956,7 @@ fn payload_of(mem: &Arc<crate::GuestMemoryMmap>, wr: &SendWr) -> Payload {
         None if wr.local.is_empty() => Payload::Empty,
         None => Payload::Guest {
             mem: mem.clone(),
-            segs: Arc::new(wr.local.clone()),
+            segs: wr.local.clone(),
         },
     }
 }
@@ -992,8 +1038,8 @@ fn build_grh(pkt: &Packet, payload_len: u64) -> [u8; 40] {
 }
 
 /// The part of `segs` after the first `skip` bytes.
-pub(crate) fn split_segs(segs: &[Seg], mut skip: u64) -> Vec<Seg> {
-    let mut out = Vec::with_capacity(segs.len());
+pub(crate) fn split_segs(segs: &[Seg], mut skip: u64) -> SegList {
+    let mut out = SegList::new();
     for s in segs {
         if skip >= s.len {
             skip -= s.len;
@@ -1084,6 +1130,7 @@ impl Backend for SoftBackend {
         while let Some(pkt) = inbox.pop_front() {
             self.handle(ops, pkt);
         }
+        self.flush_acks();
         // Keep the buffer's capacity for the next entry.
         self.inbox = inbox;
         if !self.timed.is_empty() {

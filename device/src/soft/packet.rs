@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vrdma_abi::Gid;
 
-use crate::mr::{self, Seg};
+use crate::mr::{self, Seg, SegList};
 use crate::GuestMemoryMmap;
 
 /// 24-bit PSN arithmetic.
@@ -37,7 +37,7 @@ pub enum Payload {
         /// The sender's guest memory.
         mem: Arc<GuestMemoryMmap>,
         /// Segments, in order.
-        segs: Arc<Vec<Seg>>,
+        segs: SegList,
     },
 }
 
