@@ -124,8 +124,8 @@ fn main() -> ExitCode {
             if !json {
                 println!("# vrdma-perf write-bw: one sender thread, two in-process guests");
                 println!(
-                    " {:<8} {:<6} {:<6} {:<10} {:<12} {:<10} {}",
-                    "#bytes", "qps", "batch", "msgs", "rate[Mpps]", "bw[Gb/s]", "first_cqe[usec]"
+                    " {:<8} {:<6} {:<6} {:<10} {:<12} {:<10} first_cqe[usec]",
+                    "#bytes", "qps", "batch", "msgs", "rate[Mpps]", "bw[Gb/s]"
                 );
             }
             for &n in &qps {
