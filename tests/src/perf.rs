@@ -391,9 +391,7 @@ pub fn multi_pair(qps: u32, size: u64, sq_depth: u32) -> Result<MultiPair, Strin
         )
         .map_err(e)?;
         let pd = d.alloc_pd().map_err(e)?;
-        let buf = d
-            .alloc_buffer(slot * qps as u64, Layout::Any)
-            .map_err(e)?;
+        let buf = d.alloc_buffer(slot * qps as u64, Layout::Any).map_err(e)?;
         let mr = d.reg_mr(pd, &buf, ACCESS_ALL).map_err(e)?;
         // Room for every signaled completion that can be outstanding.
         let cq = d.create_cq((qps * sq_depth).clamp(256, 65536)).map_err(e)?;
@@ -457,15 +455,11 @@ pub fn write_bw_device(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwS
             let n = batch.min((msgs - posted) as u32);
             wrs.clear();
             for k in 0..n {
-                let wr = SendWr::write(
-                    q as u64,
-                    &sges[q],
-                    raddr + q as u64 * slot,
-                    rkey,
-                );
+                let wr = SendWr::write(q as u64, &sges[q], raddr + q as u64 * slot, rkey);
                 wrs.push(if k + 1 == n { wr } else { wr.unsignaled() });
             }
-            a.d.post_send(&mut a.qps[q], &wrs).map_err(|e| e.to_string())?;
+            a.d.post_send(&mut a.qps[q], &wrs)
+                .map_err(|e| e.to_string())?;
             inflight[q] += n;
             posted += n as u64;
         }
