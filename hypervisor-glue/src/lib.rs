@@ -1,5 +1,7 @@
 //! Hypervisor glue for vrdma: the virtio-mmio transport that exposes a
-//! [`vrdma_device::Vrdma`] device (virtio device ID 42) to a guest. KVM wiring comes later.
+//! [`vrdma_device::Vrdma`] device (virtio device ID 42) to a guest, an MMIO bus to dispatch
+//! exits ([`bus`]), the KVM wiring — memory slots, ioeventfds, irqfd with resample, event-manager
+//! subscriber ([`kvm`]) — and the ACPI description of virtio-mmio devices ([`acpi`]).
 //!
 //! # Why virtio-mmio
 //!
@@ -8,8 +10,8 @@
 //! section 4.2.2; the legacy version-1 layout with `QueuePFN` is not implemented). The guest is
 //! an L2 Debian guest that discovers devices through ACPI rather than the kernel command line
 //! (`virtio_mmio.device=`) or a device tree, so every virtio-mmio device must also be described
-//! in the DSDT as an `LNRO0005` device with its MMIO window and interrupt (`_CRS`). Generating
-//! that ACPI description is **a later task**; this crate only provides the register file.
+//! in the DSDT as an `LNRO0005` device with its MMIO window and interrupt (`_CRS`):
+//! [`acpi::virtio_mmio_device`] generates that AML.
 //!
 //! # Wiring it into a VMM
 //!
@@ -25,14 +27,20 @@
 //! 3. On every MMIO exit inside the window, call [`MmioTransport::read`] or
 //!    [`MmioTransport::write`] with the offset relative to the window base. Both take `&self`
 //!    and can be called concurrently from several vCPU threads.
-//! 4. Later (fast path): register one ioeventfd per queue at `base + `[`mmio::regs::QUEUE_NOTIFY`]
+//! 4. Fast path: register one ioeventfd per queue at `base + `[`mmio::regs::QUEUE_NOTIFY`]
 //!    with a 4-byte datamatch on the queue index, and call [`MmioTransport::queue_notify`] from
 //!    the event loop when it fires, instead of taking an MMIO exit for every notification.
+//!    [`kvm::MmioEvents`] and [`kvm::wire_mmio_device`] do exactly this (steps 2 and 4).
 //!
 //! Queue notifications are processed synchronously in the calling thread (the vCPU thread for
 //! an MMIO exit).
 #![deny(missing_docs)]
 
+pub mod acpi;
+pub mod bus;
+pub mod kvm;
 pub mod mmio;
 
+pub use bus::{BusDevice, MmioBus};
+pub use kvm::{IrqMode, MmioEvents};
 pub use mmio::{MmioTransport, VENDOR_ID};
