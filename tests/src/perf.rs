@@ -129,8 +129,10 @@ pub struct Side {
     pub buf: Buffer,
     /// Its MR.
     pub mr: Mr,
-    /// Send/receive CQ.
+    /// Send CQ.
     pub cq: Cq,
+    /// Receive CQ (armed in interrupt mode).
+    pub rcq: Cq,
     /// The QP.
     pub qp: Qp,
 }
@@ -153,12 +155,15 @@ pub fn rc_pair(size: u64, max_inline: u32) -> Result<(Arc<SoftFabric>, Side, Sid
             .map_err(|e| e.to_string())?;
         let mr = d.reg_mr(pd, &buf, ACCESS_ALL).map_err(|e| e.to_string())?;
         let cq = d.create_cq(1024).map_err(|e| e.to_string())?;
+        let rcq = d.create_cq(1024).map_err(|e| e.to_string())?;
         let qp = d
             .create_qp(
                 pd,
                 &QpInitAttr {
                     max_send_wr: 256,
+                    max_recv_wr: 256,
                     max_inline,
+                    recv_cq: rcq.cqn(),
                     ..QpInitAttr::rc(&cq)
                 },
             )
@@ -169,6 +174,7 @@ pub fn rc_pair(size: u64, max_inline: u32) -> Result<(Arc<SoftFabric>, Side, Sid
             buf,
             mr,
             cq,
+            rcq,
             qp,
         })
     };
@@ -492,4 +498,131 @@ pub fn write_bw_device(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwS
         bw_gbps: done as f64 * size as f64 * 8.0 / secs / 1e9,
         first_completion_us: first_completion.map_or(0.0, |d| d.as_secs_f64() * 1e6),
     })
+}
+
+/// Waits for one receive completion on `s.rcq` through the armed CQ's interrupt (no busy
+/// polling): poll, arm, poll again (the device fires at once for CQEs past the arm), sleep on
+/// the interrupt.
+fn wait_recv_interrupt(s: &mut Side, deadline: Instant) -> Result<(), String> {
+    let mut cqe = [Cqe::default(); 1];
+    loop {
+        if s.d.poll_cq(&mut s.rcq, &mut cqe) == 1 {
+            break;
+        }
+        s.d.req_notify_cq(&mut s.rcq, false)
+            .map_err(|e| e.to_string())?;
+        if s.d.poll_cq(&mut s.rcq, &mut cqe) == 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("timed out waiting for the interrupt".into());
+        }
+        let _ = s.d.wait_event(Duration::from_millis(100));
+    }
+    if cqe[0].status != WC_SUCCESS {
+        return Err(format!("receive completion status {}", cqe[0].status));
+    }
+    // Replace the consumed receive.
+    s.d.post_recv(&mut s.qp, &[vrdma_guest::RecvWr::new(0, &[])])
+        .map_err(|e| e.to_string())
+}
+
+/// `write-lat` with interrupt completions: each side RDMA-WRITEs with immediate data into the
+/// peer, which sleeps on its armed receive CQ's interrupt instead of polling memory.
+pub fn write_lat_device_interrupt(size: u64, iters: usize) -> Result<Vec<u64>, String> {
+    let (_fabric, mut a, mut b) = rc_pair(size, 0)?;
+    for s in [&mut a, &mut b] {
+        let recvs: Vec<vrdma_guest::RecvWr> =
+            (0..128).map(|i| vrdma_guest::RecvWr::new(i, &[])).collect();
+        s.d.post_recv(&mut s.qp, &recvs)
+            .map_err(|e| e.to_string())?;
+    }
+    let half = size.max(64);
+    let (a_raddr, a_rkey) = (a.mr.iova + half, a.mr.rkey);
+    let (b_raddr, b_rkey) = (b.mr.iova + half, b.mr.rkey);
+    let warmup = (iters / 10).max(16);
+    let total = iters + warmup;
+    let barrier = Arc::new(Barrier::new(2));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run = move |mut s: Side, client: bool, raddr: u64, rkey: u32, barrier: Arc<Barrier>| {
+        let mut stamps = Vec::with_capacity(if client { total + 1 } else { 0 });
+        let mut cqes = [Cqe::default(); 64];
+        barrier.wait();
+        for i in 0..total {
+            if client {
+                stamps.push(Instant::now());
+            } else {
+                wait_recv_interrupt(&mut s, deadline)?;
+            }
+            let sge = [s.mr.sge(0, size as u32)];
+            let wr = SendWr::write_imm(i as u64, &sge, raddr, rkey, i as u32);
+            let wr = if i % 16 == 15 { wr } else { wr.unsignaled() };
+            s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())?;
+            if client {
+                wait_recv_interrupt(&mut s, deadline)?;
+            }
+            drain_send_cq(&mut s, &mut cqes)?;
+        }
+        if client {
+            stamps.push(Instant::now());
+        }
+        let rtts: Vec<u64> = stamps
+            .windows(2)
+            .skip(warmup)
+            .map(|w| (w[1] - w[0]).as_nanos() as u64)
+            .collect();
+        Ok::<_, String>((rtts, s))
+    };
+    let bar2 = barrier.clone();
+    let server = thread::spawn(move || run(b, false, a_raddr, a_rkey, bar2));
+    let client = run(a, true, b_raddr, b_rkey, barrier);
+    let server = server.join().map_err(|_| "server panicked".to_string())?;
+    let (rtts, _a) = client?;
+    let (_, _b) = server?;
+    Ok(rtts)
+}
+
+/// The wake-up floor: two threads ping-ponging through blocking eventfds. Round trips in ns.
+pub fn write_lat_eventfd(iters: usize) -> Result<Vec<u64>, String> {
+    use vmm_sys_util::eventfd::EventFd;
+    let e = |e: std::io::Error| e.to_string();
+    let ping = EventFd::new(0).map_err(e)?;
+    let pong = EventFd::new(0).map_err(e)?;
+    let (p2, q2) = (ping.try_clone().map_err(e)?, pong.try_clone().map_err(e)?);
+    let warmup = (iters / 10).max(16);
+    let total = iters + warmup;
+    let server = thread::spawn(move || {
+        for _ in 0..total {
+            if p2.read().is_err() || q2.write(1).is_err() {
+                return;
+            }
+        }
+    });
+    let mut stamps = Vec::with_capacity(total + 1);
+    for _ in 0..total {
+        stamps.push(Instant::now());
+        ping.write(1).map_err(e)?;
+        pong.read().map_err(e)?;
+    }
+    stamps.push(Instant::now());
+    let _ = server.join();
+    Ok(stamps
+        .windows(2)
+        .skip(warmup)
+        .map(|w| (w[1] - w[0]).as_nanos() as u64)
+        .collect())
+}
+
+/// Single-thread memcpy bandwidth (bytes/s) over `size`-byte buffers: the ceiling for large
+/// writes, measured in the same run.
+pub fn memcpy_bw(size: usize, total: u64) -> f64 {
+    let src = vec![0x5au8; size];
+    let mut dst = vec![0u8; size];
+    let reps = (total / size as u64).max(1);
+    let t = Instant::now();
+    for _ in 0..reps {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst);
+    }
+    (reps * size as u64) as f64 / t.elapsed().as_secs_f64()
 }

@@ -8,7 +8,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vrdma_tests::perf::{write_bw_device, write_lat_device, write_lat_shm, LatStats};
+use vrdma_tests::perf::{
+    memcpy_bw, write_bw_device, write_lat_device, write_lat_device_interrupt, write_lat_eventfd,
+    write_lat_shm, LatStats,
+};
 
 #[derive(Parser)]
 #[command(name = "vrdma-perf", about = "vrdma benchmarks (perftest semantics)")]
@@ -33,6 +36,10 @@ enum Test {
         /// Send small messages inline (up to the QP's max inline size).
         #[arg(long)]
         inline: bool,
+        /// How the peer's write is detected: `poll` (busy-poll the last byte, as ib_write_lat)
+        /// or `interrupt` (WRITE with immediate; sleep on the armed receive CQ's interrupt).
+        #[arg(long, default_value = "poll", value_parser = ["poll", "interrupt"])]
+        completion: String,
         /// One JSON object per line instead of the table.
         #[arg(long)]
         json: bool,
@@ -65,8 +72,10 @@ fn main() -> ExitCode {
             all,
             iters,
             inline,
+            completion,
             json,
         } => {
+            let interrupt = completion == "interrupt";
             if size == 0 || size > 8 << 20 {
                 eprintln!("error: --size must be 1 ..= 8388608");
                 return ExitCode::FAILURE;
@@ -79,22 +88,42 @@ fn main() -> ExitCode {
             if !json {
                 println!("# vrdma-perf write-lat: two in-process guests over the soft fabric");
                 println!("# path=device: guest driver -> virtio-mmio -> device -> soft fabric -> peer guest memory");
-                println!(
-                    "# path=shm: two threads ping-ponging one cache line (the floor), same run"
-                );
+                if interrupt {
+                    println!("# path=eventfd: two threads ping-ponging through blocking eventfds (the wake-up floor), same run");
+                } else {
+                    println!(
+                        "# path=shm: two threads ping-ponging one cache line (the floor), same run"
+                    );
+                }
                 println!("{}", LatStats::header());
             }
             for s in sizes {
-                let rtts = match write_lat_device(s, iters, inline) {
+                let res = if interrupt {
+                    write_lat_device_interrupt(s, iters)
+                } else {
+                    write_lat_device(s, iters, inline)
+                };
+                let rtts = match res {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("error: write-lat {s} B: {e}");
                         return ExitCode::FAILURE;
                     }
                 };
-                let dev = LatStats::from_rtts("write_lat", "device", s, "poll", &rtts);
-                let shm = LatStats::from_rtts("write_lat", "shm", s, "poll", &write_lat_shm(iters));
-                for st in [&dev, &shm] {
+                let mode = if interrupt { "interrupt" } else { "poll" };
+                let dev = LatStats::from_rtts("write_lat", "device", s, mode, &rtts);
+                let floor = if interrupt {
+                    match write_lat_eventfd(iters) {
+                        Ok(r) => LatStats::from_rtts("write_lat", "eventfd", s, mode, &r),
+                        Err(e) => {
+                            eprintln!("error: eventfd floor: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    LatStats::from_rtts("write_lat", "shm", s, mode, &write_lat_shm(iters))
+                };
+                for st in [&dev, &floor] {
                     if json {
                         println!("{}", serde_json::to_string(st).unwrap_or_default());
                     } else {
@@ -103,8 +132,9 @@ fn main() -> ExitCode {
                 }
                 if !json {
                     println!(
-                        "# {s} B: device/shm t_typical ratio {:.1}",
-                        dev.t_typical_us / shm.t_typical_us.max(1e-9)
+                        "# {s} B: device/{} t_typical ratio {:.2}",
+                        floor.path,
+                        dev.t_typical_us / floor.t_typical_us.max(1e-9)
                     );
                 }
             }
@@ -127,6 +157,10 @@ fn main() -> ExitCode {
                     " {:<8} {:<6} {:<6} {:<10} {:<12} {:<10} first_cqe[usec]",
                     "#bytes", "qps", "batch", "msgs", "rate[Mpps]", "bw[Gb/s]"
                 );
+            }
+            if !json {
+                let mc = memcpy_bw(size as usize, 1 << 30) * 8.0 / 1e9;
+                println!("# single-thread memcpy of {size} B buffers, same run: {mc:.2} Gb/s");
             }
             for &n in &qps {
                 for &b in &batch {
