@@ -626,3 +626,33 @@ pub fn memcpy_bw(size: usize, total: u64) -> f64 {
     }
     (reps * size as u64) as f64 / t.elapsed().as_secs_f64()
 }
+
+/// CPU seconds (user + system) this process has used, from `/proc/self/stat`.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// Idle cost: two guests exchange `warm` writes, then nothing happens for `secs` seconds.
+/// Returns the CPU seconds the process used while idle (devices, fabric and its timer thread).
+pub fn idle_cpu(secs: f64, warm: u64) -> Result<f64, String> {
+    let (_fabric, mut a, b) = rc_pair(64, 0)?;
+    let mut cqes = [Cqe::default(); 64];
+    let sge = [a.mr.sge(0, 64)];
+    for i in 0..warm {
+        let wr = SendWr::write(i, &sge, b.mr.iova + 64, b.mr.rkey);
+        a.d.post_send(&mut a.qp, &[wr]).map_err(|e| e.to_string())?;
+        while a.d.poll_cq(&mut a.cq, &mut cqes) == 0 {
+            std::hint::spin_loop();
+        }
+    }
+    let before = process_cpu_seconds().ok_or("no /proc/self/stat")?;
+    thread::sleep(Duration::from_secs_f64(secs));
+    let after = process_cpu_seconds().ok_or("no /proc/self/stat")?;
+    drop(b);
+    Ok(after - before)
+}

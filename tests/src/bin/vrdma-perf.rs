@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vrdma_tests::perf::{
-    memcpy_bw, write_bw_device, write_lat_device, write_lat_device_interrupt, write_lat_eventfd,
-    write_lat_shm, LatStats,
+    idle_cpu, memcpy_bw, write_bw_device, write_lat_device, write_lat_device_interrupt,
+    write_lat_eventfd, write_lat_shm, LatStats,
 };
 
 #[derive(Parser)]
@@ -41,6 +41,15 @@ enum Test {
         #[arg(long, default_value = "poll", value_parser = ["poll", "interrupt"])]
         completion: String,
         /// One JSON object per line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// CPU used by idle devices (after some traffic): should be ~0, nothing spins when idle.
+    Idle {
+        /// Seconds to stay idle.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// One JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -139,6 +148,22 @@ fn main() -> ExitCode {
                 }
             }
             ExitCode::SUCCESS
+        }
+        Test::Idle { secs, json } => {
+            match idle_cpu(secs, 10_000) {
+                Ok(cpu) => {
+                    if json {
+                        println!("{{\"test\":\"idle\",\"secs\":{secs},\"cpu_s\":{cpu:.3},\"cpu_pct\":{:.3}}}", cpu / secs * 100.0);
+                    } else {
+                        println!("idle {secs:.1} s after 10000 writes: {cpu:.3} CPU s ({:.2}% of one core)", cpu / secs * 100.0);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: idle: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Test::WriteBw {
             size,
