@@ -19,6 +19,7 @@ pub mod backend;
 mod ctrl;
 pub mod device;
 pub mod error;
+mod gm;
 pub mod interrupt;
 pub mod mr;
 pub mod qp;

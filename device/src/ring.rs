@@ -2,7 +2,6 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::{Bytes, GuestAddress};
 use vrdma_abi as abi;
 
 use crate::mr::{check_pages, PageListError};
@@ -65,12 +64,11 @@ impl Ring {
     fn load(&self, mem: &GuestMemoryMmap, off: u64) -> u32 {
         // The header page was validated at creation; a failure can only mean the memory map
         // changed under us, and 0 is a safe answer (no new work).
-        mem.load::<u32>(GuestAddress(self.header() + off), Ordering::Acquire)
-            .unwrap_or(0)
+        crate::gm::load::<u32>(mem, self.header() + off, Ordering::Acquire).unwrap_or(0)
     }
 
     fn store(&self, mem: &GuestMemoryMmap, off: u64, v: u32) {
-        let _ = mem.store(v, GuestAddress(self.header() + off), Ordering::Release);
+        crate::gm::store(mem, self.header() + off, v, Ordering::Release);
     }
 
     /// Producer index.
@@ -104,6 +102,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::GuestAddress;
 
     #[test]
     fn slots_map_through_discontiguous_pages() {

@@ -12,6 +12,7 @@ use vrdma_abi::{self as abi, QpAttr};
 
 use crate::backend::{Backend, Completion, DeviceOps, QpInfo, RecvWr, SendWr, TakeRecv, UdDest};
 use crate::device::DeviceConfig;
+use crate::gm;
 use crate::interrupt::{Interrupt, InterruptKind};
 use crate::mr::{Mr, SegList};
 use crate::ring::Ring;
@@ -185,26 +186,28 @@ impl Core {
         });
     }
 
-    /// Resolves an SGE list in the QP's PD. `write` = the device writes into it.
+    /// Reads `n` SGEs at `at` in guest memory and resolves them in the QP's PD, one at a time
+    /// (no intermediate list). `write` = the device writes into them.
     fn resolve_sges(
         &self,
+        mem: &GuestMemoryMmap,
+        at: u64,
+        n: usize,
         pd: u32,
-        sges: &[abi::Sge],
         write: bool,
         out: &mut SegList,
     ) -> Result<u64, WqeError> {
+        let bad_sge = (abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE);
         let mut total = 0u64;
-        for s in sges {
-            let mr = self
-                .mrs
-                .get(s.lkey)
-                .filter(|m| m.pd == pd)
-                .ok_or((abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE))?;
+        for i in 0..n as u64 {
+            let s = gm::read_obj::<abi::Sge>(mem, at + i * abi::SGE_SIZE as u64)
+                .ok_or((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))?;
+            let mr = self.mrs.get(s.lkey).filter(|m| m.pd == pd).ok_or(bad_sge)?;
             if write && mr.access & abi::ACCESS_LOCAL_WRITE == 0 {
-                return Err((abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE));
+                return Err(bad_sge);
             }
             if !mr.resolve(s.addr, s.length as u64, out) {
-                return Err((abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE));
+                return Err(bad_sge);
             }
             total += s.length as u64;
         }
@@ -214,20 +217,11 @@ impl Core {
         Ok(total)
     }
 
-    fn read_sges(mem: &GuestMemoryMmap, at: u64, n: usize) -> Option<Vec<abi::Sge>> {
-        (0..n as u64)
-            .map(|i| {
-                mem.read_obj::<abi::Sge>(GuestAddress(at + i * abi::SGE_SIZE as u64))
-                    .ok()
-            })
-            .collect()
-    }
-
     /// Reads and validates the send WQE at SQ index `idx` of `qp`.
     fn parse_send(&self, qp: &Qp, idx: u32) -> SendWr {
         let mem = self.mem.as_ref().expect("active");
         let slot = qp.sq.slot(idx);
-        let Ok(w) = mem.read_obj::<abi::SendWqe>(GuestAddress(slot)) else {
+        let Some(w) = gm::read_obj::<abi::SendWqe>(mem, slot) else {
             return SendWr {
                 error: Some((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE)),
                 ..Default::default()
@@ -304,17 +298,23 @@ impl Core {
                 return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_WQE));
             }
             let mut data = vec![0u8; w.inline_len as usize];
-            mem.read_slice(&mut data, GuestAddress(slot + abi::SEND_WQE_HDR as u64))
-                .map_err(|_| bad)?;
+            if !gm::read_bytes(mem, slot + abi::SEND_WQE_HDR as u64, &mut data) {
+                return Err(bad);
+            }
             wr.len = data.len() as u64;
             wr.inline = Some(data);
         } else {
             if w.num_sge as u32 > qp.max_send_sge {
                 return Err(bad);
             }
-            let sges = Self::read_sges(mem, slot + abi::SEND_WQE_HDR as u64, w.num_sge as usize)
-                .ok_or(bad)?;
-            wr.len = self.resolve_sges(qp.pd, &sges, scatter, &mut wr.local)?;
+            wr.len = self.resolve_sges(
+                mem,
+                slot + abi::SEND_WQE_HDR as u64,
+                w.num_sge as usize,
+                qp.pd,
+                scatter,
+                &mut wr.local,
+            )?;
         }
         if atomic && (wr.len != 8 || !w.remote_addr.is_multiple_of(8)) {
             return Err(bad);
@@ -383,10 +383,11 @@ impl Core {
         };
         let slot = cq.ring.slot(pos);
         let bytes = cqe.as_slice();
-        let _ = mem.write_slice(&bytes[..abi::CQE_OWNER_OFFSET as usize], GuestAddress(slot));
-        let _ = mem.store(
+        gm::write_bytes(&mem, slot, &bytes[..abi::CQE_OWNER_OFFSET as usize]);
+        gm::store(
+            &mem,
+            slot + abi::CQE_OWNER_OFFSET,
             cqe.owner,
-            GuestAddress(slot + abi::CQE_OWNER_OFFSET),
             Ordering::Release,
         );
         cq.prod = pos.wrapping_add(1);
@@ -561,22 +562,30 @@ impl DeviceOps for Core {
         }
         let idx = qp.rq_cons;
         let slot = qp.rq.slot(idx);
-        let (pd, max_sge, recv_cq, rq) = (qp.pd, qp.max_recv_sge, qp.recv_cq, qp.rq.clone());
-        let w = mem
-            .read_obj::<abi::RecvWqe>(GuestAddress(slot))
-            .unwrap_or_default();
+        let (pd, max_sge, recv_cq, rq_hdr) = (qp.pd, qp.max_recv_sge, qp.recv_cq, qp.rq.header());
+        let w = gm::read_obj::<abi::RecvWqe>(&mem, slot).unwrap_or_default();
         let mut segs = SegList::new();
         let res = if w.num_sge > max_sge {
             Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))
         } else {
-            Self::read_sges(&mem, slot + abi::RECV_WQE_HDR as u64, w.num_sge as usize)
-                .ok_or((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))
-                .and_then(|s| self.resolve_sges(pd, &s, true, &mut segs))
+            self.resolve_sges(
+                &mem,
+                slot + abi::RECV_WQE_HDR as u64,
+                w.num_sge as usize,
+                pd,
+                true,
+                &mut segs,
+            )
         };
         if let Some(qp) = self.qps.get_mut(qpn) {
             qp.rq_cons = idx.wrapping_add(1);
         }
-        rq.set_cons(&mem, idx.wrapping_add(1));
+        gm::store(
+            &mem,
+            rq_hdr + abi::RING_CONS_OFFSET,
+            idx.wrapping_add(1),
+            Ordering::Release,
+        );
         match res {
             Ok(len) => TakeRecv::Wr(RecvWr {
                 wr_id: w.wr_id,
