@@ -215,49 +215,48 @@ fn drain_send_cq(s: &mut Side, cqes: &mut [Cqe]) -> Result<(), String> {
     Ok(())
 }
 
-/// `write-lat` through two guests, the device and the soft fabric. Returns round trips in ns.
-pub fn write_lat_device(size: u64, iters: usize, inline: bool) -> Result<Vec<u64>, String> {
-    let max_inline = if inline { 512 } else { 0 };
-    let (_fabric, a, b) = rc_pair(size, max_inline)?;
-    let use_inline = inline && size <= a.qp.caps().max_inline as u64;
-    // Each side writes from its send half into the peer's receive half, and polls the last byte
-    // of its own receive half.
-    let half = size.max(64);
+/// Runs a ping-pong between `a` (client, time-stamping every iteration) and `b` (server, in its
+/// own thread). Each side writes into the peer's receive half (`half` bytes into its MR). `wait`
+/// blocks until the peer's message of iteration `i` arrived; `post` sends this side's message.
+/// One WR in 16 is signaled (perftest's `cq_mod`) and the send CQ is drained every iteration.
+/// Returns the client's round trips in ns, after a warm-up of 10 % of the iterations.
+fn ping_pong<W, P>(
+    a: Side,
+    b: Side,
+    half: u64,
+    iters: usize,
+    wait: W,
+    post: P,
+) -> Result<Vec<u64>, String>
+where
+    W: Fn(&mut Side, usize) -> Result<(), String> + Send + Sync + 'static,
+    P: Fn(&mut Side, usize, u64, u32, bool) -> Result<(), String> + Send + Sync + 'static,
+{
     let (a_raddr, a_rkey) = (a.mr.iova + half, a.mr.rkey);
     let (b_raddr, b_rkey) = (b.mr.iova + half, b.mr.rkey);
-    let last = size - 1;
-    let poll_at = half + last;
     let warmup = (iters / 10).max(16);
     let total = iters + warmup;
     let barrier = Arc::new(Barrier::new(2));
-    let deadline = Instant::now() + Duration::from_secs(60);
-
-    let run = move |mut s: Side, client: bool, raddr: u64, rkey: u32, barrier: Arc<Barrier>| {
+    let steps = Arc::new((wait, post));
+    let run = move |mut s: Side,
+                    client: bool,
+                    raddr: u64,
+                    rkey: u32,
+                    barrier: Arc<Barrier>,
+                    steps: Arc<(W, P)>| {
+        let (wait, post) = (&steps.0, &steps.1);
         let mut stamps = Vec::with_capacity(if client { total + 1 } else { 0 });
         let mut cqes = [Cqe::default(); 64];
-        let mut inline_data = vec![0u8; size as usize];
         barrier.wait();
         for i in 0..total {
-            let tag = (i % 255) as u8 + 1;
             if client {
                 stamps.push(Instant::now());
-            } else if !spin_until_byte(&s.buf, poll_at, tag, deadline) {
-                return Err(format!("server timed out at iteration {i}"));
-            }
-            // Signal every 16th WR, as perftest's cq_mod does, so the SQ never fills.
-            let signaled = i % 16 == 15;
-            let sge = [s.mr.sge(0, size as u32)];
-            let wr = if use_inline {
-                inline_data[last as usize] = tag;
-                SendWr::write_inline(i as u64, &inline_data, raddr, rkey)
             } else {
-                s.buf.write(last, &[tag]);
-                SendWr::write(i as u64, &sge, raddr, rkey)
-            };
-            let wr = if signaled { wr } else { wr.unsignaled() };
-            s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())?;
-            if client && !spin_until_byte(&s.buf, poll_at, tag, deadline) {
-                return Err(format!("client timed out at iteration {i}"));
+                wait(&mut s, i)?;
+            }
+            post(&mut s, i, raddr, rkey, i % 16 == 15)?;
+            if client {
+                wait(&mut s, i)?;
             }
             drain_send_cq(&mut s, &mut cqes)?;
         }
@@ -269,15 +268,49 @@ pub fn write_lat_device(size: u64, iters: usize, inline: bool) -> Result<Vec<u64
             .skip(warmup)
             .map(|w| (w[1] - w[0]).as_nanos() as u64)
             .collect();
-        Ok((rtts, s))
+        Ok::<_, String>((rtts, s))
     };
-    let bar2 = barrier.clone();
-    let server = thread::spawn(move || run(b, false, a_raddr, a_rkey, bar2));
-    let client = run(a, true, b_raddr, b_rkey, barrier);
+    let (bar2, steps2) = (barrier.clone(), steps.clone());
+    let server = thread::spawn(move || run(b, false, a_raddr, a_rkey, bar2, steps2));
+    let client = run(a, true, b_raddr, b_rkey, barrier, steps);
     let server = server.join().map_err(|_| "server panicked".to_string())?;
     let (rtts, _a) = client?;
     let (_, _b) = server?;
     Ok(rtts)
+}
+
+/// `write-lat` through two guests, the device and the soft fabric. Returns round trips in ns.
+pub fn write_lat_device(size: u64, iters: usize, inline: bool) -> Result<Vec<u64>, String> {
+    let max_inline = if inline { 512 } else { 0 };
+    let (_fabric, a, b) = rc_pair(size, max_inline)?;
+    let use_inline = inline && size <= a.qp.caps().max_inline as u64;
+    // Each side writes from its send half into the peer's receive half, and polls the last byte
+    // of its own receive half for the iteration's tag.
+    let half = size.max(64);
+    let last = size - 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let tag = |i: usize| (i % 255) as u8 + 1;
+    let wait = move |s: &mut Side, i: usize| {
+        if spin_until_byte(&s.buf, half + last, tag(i), deadline) {
+            Ok(())
+        } else {
+            Err(format!("timed out at iteration {i}"))
+        }
+    };
+    let post = move |s: &mut Side, i: usize, raddr: u64, rkey: u32, signaled: bool| {
+        let mut inline_data = [0u8; 512];
+        let sge = [s.mr.sge(0, size as u32)];
+        let wr = if use_inline {
+            inline_data[last as usize] = tag(i);
+            SendWr::write_inline(i as u64, &inline_data[..size as usize], raddr, rkey)
+        } else {
+            s.buf.write(last, &[tag(i)]);
+            SendWr::write(i as u64, &sge, raddr, rkey)
+        };
+        let wr = if signaled { wr } else { wr.unsignaled() };
+        s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())
+    };
+    ping_pong(a, b, half, iters, wait, post)
 }
 
 /// The physical floor: two threads ping-ponging one cache line. Returns round trips in ns.
@@ -528,6 +561,7 @@ fn wait_recv_interrupt(s: &mut Side, deadline: Instant) -> Result<(), String> {
 }
 
 /// `write-lat` with interrupt completions: each side RDMA-WRITEs with immediate data into the
+/// `write-lat` with interrupt completions: each side RDMA-WRITEs with immediate data into the
 /// peer, which sleeps on its armed receive CQ's interrupt instead of polling memory.
 pub fn write_lat_device_interrupt(size: u64, iters: usize) -> Result<Vec<u64>, String> {
     let (_fabric, mut a, mut b) = rc_pair(size, 0)?;
@@ -537,49 +571,15 @@ pub fn write_lat_device_interrupt(size: u64, iters: usize) -> Result<Vec<u64>, S
         s.d.post_recv(&mut s.qp, &recvs)
             .map_err(|e| e.to_string())?;
     }
-    let half = size.max(64);
-    let (a_raddr, a_rkey) = (a.mr.iova + half, a.mr.rkey);
-    let (b_raddr, b_rkey) = (b.mr.iova + half, b.mr.rkey);
-    let warmup = (iters / 10).max(16);
-    let total = iters + warmup;
-    let barrier = Arc::new(Barrier::new(2));
     let deadline = Instant::now() + Duration::from_secs(120);
-    let run = move |mut s: Side, client: bool, raddr: u64, rkey: u32, barrier: Arc<Barrier>| {
-        let mut stamps = Vec::with_capacity(if client { total + 1 } else { 0 });
-        let mut cqes = [Cqe::default(); 64];
-        barrier.wait();
-        for i in 0..total {
-            if client {
-                stamps.push(Instant::now());
-            } else {
-                wait_recv_interrupt(&mut s, deadline)?;
-            }
-            let sge = [s.mr.sge(0, size as u32)];
-            let wr = SendWr::write_imm(i as u64, &sge, raddr, rkey, i as u32);
-            let wr = if i % 16 == 15 { wr } else { wr.unsignaled() };
-            s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())?;
-            if client {
-                wait_recv_interrupt(&mut s, deadline)?;
-            }
-            drain_send_cq(&mut s, &mut cqes)?;
-        }
-        if client {
-            stamps.push(Instant::now());
-        }
-        let rtts: Vec<u64> = stamps
-            .windows(2)
-            .skip(warmup)
-            .map(|w| (w[1] - w[0]).as_nanos() as u64)
-            .collect();
-        Ok::<_, String>((rtts, s))
+    let wait = move |s: &mut Side, _i: usize| wait_recv_interrupt(s, deadline);
+    let post = move |s: &mut Side, i: usize, raddr: u64, rkey: u32, signaled: bool| {
+        let sge = [s.mr.sge(0, size as u32)];
+        let wr = SendWr::write_imm(i as u64, &sge, raddr, rkey, i as u32);
+        let wr = if signaled { wr } else { wr.unsignaled() };
+        s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())
     };
-    let bar2 = barrier.clone();
-    let server = thread::spawn(move || run(b, false, a_raddr, a_rkey, bar2));
-    let client = run(a, true, b_raddr, b_rkey, barrier);
-    let server = server.join().map_err(|_| "server panicked".to_string())?;
-    let (rtts, _a) = client?;
-    let (_, _b) = server?;
-    Ok(rtts)
+    ping_pong(a, b, size.max(64), iters, wait, post)
 }
 
 /// The wake-up floor: two threads ping-ponging through blocking eventfds. Round trips in ns.
