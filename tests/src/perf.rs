@@ -1,9 +1,17 @@
-//! Latency measurements with perftest's `ib_write_lat` semantics, shared by `vrdma-perf` and
-//! the tests that check the tool's plumbing (not its figures: figures belong in benchmarks).
+//! Measurements with perftest semantics, shared by `vrdma-perf` and the tests that check the
+//! tool's plumbing (not its figures: figures belong in benchmarks).
 //!
-//! `write-lat`: each side RDMA-WRITEs `size` bytes into the peer's buffer and busy-polls the last
-//! byte of its own buffer for the peer's write; the client time-stamps every iteration and the
-//! reported latency is half the round trip. `t_typical` is the median.
+//! `write-lat` (`ib_write_lat`): each side RDMA-WRITEs `size` bytes into the peer's buffer and
+//! busy-polls the last byte of its own buffer for the peer's write; the client time-stamps every
+//! iteration and the reported latency is half the round trip. `t_typical` is the median.
+//! `send-lat` (`ib_send_lat`): the same ping-pong with SENDs, each side polling its receive CQ;
+//! half round trips. `read-lat` and `atomic-lat` (`ib_read_lat`, `ib_atomic_lat`): the client
+//! posts one READ / atomic at a time and polls its send CQ for the completion; the reported
+//! latency is the *full* round trip, as perftest reports it.
+//!
+//! `path=device` runs two guests through the guest driver, virtio-mmio and the device;
+//! `path=fabric` drives the same soft-fabric engine directly ([`crate::fabric_path`]), so the
+//! difference is what the device layer costs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -12,18 +20,23 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vm_memory::GuestAddress;
-use vrdma_abi::{Cqe, Gid, ACCESS_ALL, WC_SUCCESS};
+use vrdma_abi::{self as abi, Cqe, Gid, ACCESS_ALL, WC_SUCCESS};
+use vrdma_device::backend::Completion;
 use vrdma_device::soft::SoftFabric;
-use vrdma_guest::{Buffer, Cq, Driver, GuestAlloc, Layout, Mr, Qp, QpInitAttr, SendWr};
+use vrdma_guest::{Buffer, Cq, Driver, GuestAlloc, Layout, Mr, Qp, QpInitAttr, RecvWr, SendWr};
 
+use crate::fabric_path::{bare_pair, write_wr, BareEndpoint};
 use crate::{Vm, ALLOC_BASE, GUEST_RAM};
 
-/// Summary of one latency run, in microseconds (half round trips).
+/// Summary of one latency run, in microseconds: half round trips for the ping-pong tests
+/// (`write_lat`, `send_lat`), full round trips for `read_lat` and `atomic_lat` (as perftest).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct LatStats {
-    /// Test name, e.g. `write_lat`.
+    /// Test name: `write_lat`, `send_lat`, `read_lat` or `atomic_lat`.
     pub test: &'static str,
-    /// `device` (two guests through the ABI and device) or `shm` (cache-line ping-pong floor).
+    /// `device` (two guests through the ABI and device), `fabric` (the soft fabric's engine
+    /// driven directly, no device layer), `shm` (cache-line ping-pong floor) or `eventfd`
+    /// (blocking eventfd ping-pong floor).
     pub path: &'static str,
     /// Message size.
     pub bytes: u64,
@@ -48,7 +61,7 @@ pub struct LatStats {
 }
 
 impl LatStats {
-    /// Statistics of half round trips given full round trips in nanoseconds.
+    /// Statistics of half round trips given full round trips in nanoseconds (ping-pong tests).
     pub fn from_rtts(
         test: &'static str,
         path: &'static str,
@@ -56,7 +69,29 @@ impl LatStats {
         completion: &'static str,
         rtt_ns: &[u64],
     ) -> Self {
-        let mut v: Vec<f64> = rtt_ns.iter().map(|&n| n as f64 / 2000.0).collect();
+        Self::from_ns(test, path, bytes, completion, rtt_ns, 2000.0)
+    }
+
+    /// Statistics of full round trips given in nanoseconds (`read_lat`, `atomic_lat`).
+    pub fn from_full_rtts(
+        test: &'static str,
+        path: &'static str,
+        bytes: u64,
+        completion: &'static str,
+        rtt_ns: &[u64],
+    ) -> Self {
+        Self::from_ns(test, path, bytes, completion, rtt_ns, 1000.0)
+    }
+
+    fn from_ns(
+        test: &'static str,
+        path: &'static str,
+        bytes: u64,
+        completion: &'static str,
+        ns: &[u64],
+        per_us: f64,
+    ) -> Self {
+        let mut v: Vec<f64> = ns.iter().map(|&n| n as f64 / per_us).collect();
         v.sort_by(|a, b| a.total_cmp(b));
         let n = v.len().max(1) as f64;
         let avg = v.iter().sum::<f64>() / n;
@@ -190,10 +225,15 @@ pub fn rc_pair(size: u64, max_inline: u32) -> Result<(Arc<SoftFabric>, Side, Sid
 }
 
 fn spin_until_byte(buf: &Buffer, off: u64, want: u8, deadline: Instant) -> bool {
+    spin_until(|b| buf.read(off, b), want, deadline)
+}
+
+/// Busy-polls one byte through `read` until it equals `want` or `deadline` passes.
+fn spin_until(read: impl Fn(&mut [u8]), want: u8, deadline: Instant) -> bool {
     let mut b = [0u8];
     let mut spins = 0u32;
     loop {
-        buf.read(off, &mut b);
+        read(&mut b);
         if b[0] == want {
             return true;
         }
@@ -215,30 +255,55 @@ fn drain_send_cq(s: &mut Side, cqes: &mut [Cqe]) -> Result<(), String> {
     Ok(())
 }
 
+/// One side of a ping-pong: how it reaps its send completions.
+trait PingSide: Send + 'static {
+    /// Drains the send CQ (`scratch` is room for CQEs); fails on an error completion.
+    fn drain_send(&mut self, scratch: &mut [Cqe]) -> Result<(), String>;
+}
+
+impl PingSide for Side {
+    fn drain_send(&mut self, scratch: &mut [Cqe]) -> Result<(), String> {
+        drain_send_cq(self, scratch)
+    }
+}
+
+/// Iterations of warm-up before `iters` measured ones: 10 %, at least 16.
+fn warmup_of(iters: usize) -> usize {
+    (iters / 10).max(16)
+}
+
+/// The ping-pong tag of iteration `i`: never 0, so a zeroed buffer never matches.
+fn tag(i: usize) -> u8 {
+    (i % 255) as u8 + 1
+}
+
 /// Runs a ping-pong between `a` (client, time-stamping every iteration) and `b` (server, in its
-/// own thread). Each side writes into the peer's receive half (`half` bytes into its MR). `wait`
+/// own thread). The server sends to `to_a` (remote address, rkey), the client to `to_b`. `wait`
 /// blocks until the peer's message of iteration `i` arrived; `post` sends this side's message.
 /// One WR in 16 is signaled (perftest's `cq_mod`) and the send CQ is drained every iteration.
-/// Returns the client's round trips in ns, after a warm-up of 10 % of the iterations.
-fn ping_pong<W, P>(
-    a: Side,
-    b: Side,
-    half: u64,
+/// Returns the client's round trips in ns, after a warm-up of 10 % of the iterations, and the
+/// two sides (for checking the data).
+fn ping_pong<S, W, P>(
+    a: S,
+    b: S,
+    to_a: (u64, u32),
+    to_b: (u64, u32),
     iters: usize,
     wait: W,
     post: P,
-) -> Result<Vec<u64>, String>
+) -> Result<(Vec<u64>, S, S), String>
 where
-    W: Fn(&mut Side, usize) -> Result<(), String> + Send + Sync + 'static,
-    P: Fn(&mut Side, usize, u64, u32, bool) -> Result<(), String> + Send + Sync + 'static,
+    S: PingSide,
+    W: Fn(&mut S, usize) -> Result<(), String> + Send + Sync + 'static,
+    P: Fn(&mut S, usize, u64, u32, bool) -> Result<(), String> + Send + Sync + 'static,
 {
-    let (a_raddr, a_rkey) = (a.mr.iova + half, a.mr.rkey);
-    let (b_raddr, b_rkey) = (b.mr.iova + half, b.mr.rkey);
-    let warmup = (iters / 10).max(16);
+    let (a_raddr, a_rkey) = to_a;
+    let (b_raddr, b_rkey) = to_b;
+    let warmup = warmup_of(iters);
     let total = iters + warmup;
     let barrier = Arc::new(Barrier::new(2));
     let steps = Arc::new((wait, post));
-    let run = move |mut s: Side,
+    let run = move |mut s: S,
                     client: bool,
                     raddr: u64,
                     rkey: u32,
@@ -258,7 +323,7 @@ where
             if client {
                 wait(&mut s, i)?;
             }
-            drain_send_cq(&mut s, &mut cqes)?;
+            s.drain_send(&mut cqes)?;
         }
         if client {
             stamps.push(Instant::now());
@@ -274,9 +339,9 @@ where
     let server = thread::spawn(move || run(b, false, a_raddr, a_rkey, bar2, steps2));
     let client = run(a, true, b_raddr, b_rkey, barrier, steps);
     let server = server.join().map_err(|_| "server panicked".to_string())?;
-    let (rtts, _a) = client?;
-    let (_, _b) = server?;
-    Ok(rtts)
+    let (rtts, a) = client?;
+    let (_, b) = server?;
+    Ok((rtts, a, b))
 }
 
 /// `write-lat` through two guests, the device and the soft fabric. Returns round trips in ns.
@@ -289,7 +354,6 @@ pub fn write_lat_device(size: u64, iters: usize, inline: bool) -> Result<Vec<u64
     let half = size.max(64);
     let last = size - 1;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let tag = |i: usize| (i % 255) as u8 + 1;
     let wait = move |s: &mut Side, i: usize| {
         if spin_until_byte(&s.buf, half + last, tag(i), deadline) {
             Ok(())
@@ -310,7 +374,9 @@ pub fn write_lat_device(size: u64, iters: usize, inline: bool) -> Result<Vec<u64
         let wr = if signaled { wr } else { wr.unsignaled() };
         s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())
     };
-    ping_pong(a, b, half, iters, wait, post)
+    let to_a = (a.mr.iova + half, a.mr.rkey);
+    let to_b = (b.mr.iova + half, b.mr.rkey);
+    ping_pong(a, b, to_a, to_b, iters, wait, post).map(|(rtts, _, _)| rtts)
 }
 
 /// The physical floor: two threads ping-ponging one cache line. Returns round trips in ns.
@@ -319,7 +385,7 @@ pub fn write_lat_shm(iters: usize) -> Vec<u64> {
     struct Line(AtomicU64);
     let ping = Arc::new(Line(AtomicU64::new(0)));
     let pong = Arc::new(Line(AtomicU64::new(0)));
-    let warmup = (iters / 10).max(16);
+    let warmup = warmup_of(iters);
     let total = (iters + warmup) as u64;
     let (p2, q2) = (ping.clone(), pong.clone());
     let server = thread::spawn(move || {
@@ -371,7 +437,7 @@ mod tests {
 pub struct BwStats {
     /// `write_bw`.
     pub test: &'static str,
-    /// `device`.
+    /// `device` or `fabric` (the soft fabric's engine driven directly, no device layer).
     pub path: &'static str,
     /// Message size.
     pub bytes: u64,
@@ -579,7 +645,10 @@ pub fn write_lat_device_interrupt(size: u64, iters: usize) -> Result<Vec<u64>, S
         let wr = if signaled { wr } else { wr.unsignaled() };
         s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())
     };
-    ping_pong(a, b, size.max(64), iters, wait, post)
+    let half = size.max(64);
+    let to_a = (a.mr.iova + half, a.mr.rkey);
+    let to_b = (b.mr.iova + half, b.mr.rkey);
+    ping_pong(a, b, to_a, to_b, iters, wait, post).map(|(rtts, _, _)| rtts)
 }
 
 /// The wake-up floor: two threads ping-ponging through blocking eventfds. Round trips in ns.
@@ -589,7 +658,7 @@ pub fn write_lat_eventfd(iters: usize) -> Result<Vec<u64>, String> {
     let ping = EventFd::new(0).map_err(e)?;
     let pong = EventFd::new(0).map_err(e)?;
     let (p2, q2) = (ping.try_clone().map_err(e)?, pong.try_clone().map_err(e)?);
-    let warmup = (iters / 10).max(16);
+    let warmup = warmup_of(iters);
     let total = iters + warmup;
     let server = thread::spawn(move || {
         for _ in 0..total {
@@ -613,18 +682,35 @@ pub fn write_lat_eventfd(iters: usize) -> Result<Vec<u64>, String> {
         .collect())
 }
 
-/// Single-thread memcpy bandwidth (bytes/s) over `size`-byte buffers: the ceiling for large
-/// writes, measured in the same run.
+/// Single-thread copy bandwidth (bytes/s) of `size`-byte buffers: the ceiling for large
+/// writes, measured in the same run. Like the soft fabric, it copies from one guest memory into
+/// another (two separate mappings of `GUEST_RAM` bytes, the harness's guests) with the same
+/// volatile-slice copy the device uses, at the same offsets, so that page size, TLB reach and
+/// the copy routine are the same for the floor and the device. Best of three passes.
 pub fn memcpy_bw(size: usize, total: u64) -> f64 {
-    let src = vec![0x5au8; size];
-    let mut dst = vec![0u8; size];
+    use vm_memory::{Bytes, GuestMemoryBackend};
+    let mk = || {
+        vrdma_device::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_RAM as usize)])
+            .expect("guest memory")
+    };
+    let (src, dst) = (mk(), mk());
+    let size = size.min((GUEST_RAM - ALLOC_BASE) as usize);
+    let at = GuestAddress(ALLOC_BASE);
+    let _ = src.write_slice(&vec![0x5au8; size], at);
+    let _ = dst.write_slice(&vec![0u8; size], at);
+    let (Ok(s), Ok(d)) = (src.get_slice(at, size), dst.get_slice(at, size)) else {
+        return 0.0;
+    };
     let reps = (total / size as u64).max(1);
-    let t = Instant::now();
-    for _ in 0..reps {
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&mut dst);
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            s.copy_to_volatile_slice(std::hint::black_box(d));
+        }
+        best = best.max((reps * size as u64) as f64 / t.elapsed().as_secs_f64());
     }
-    (reps * size as u64) as f64 / t.elapsed().as_secs_f64()
+    best
 }
 
 /// CPU seconds (user + system) this process has used, from `/proc/self/stat`.
@@ -655,4 +741,344 @@ pub fn idle_cpu(secs: f64, warm: u64) -> Result<f64, String> {
     let after = process_cpu_seconds().ok_or("no /proc/self/stat")?;
     drop(b);
     Ok(after - before)
+}
+
+// ---------------------------------------------------------------------------------------------
+// path=fabric: the soft fabric's engine without the device layer
+// ---------------------------------------------------------------------------------------------
+
+/// One side of the fabric-path ping-pong: a bare endpoint and its connected QP. Memory layout
+/// as [`Side`]: `[0, half)` is the send half, `[half, 2 * half)` receives the peer's writes.
+struct FabricSide {
+    ep: Arc<BareEndpoint>,
+    qpn: u32,
+    cqes: Vec<(u32, Completion)>,
+}
+
+impl PingSide for FabricSide {
+    fn drain_send(&mut self, _scratch: &mut [Cqe]) -> Result<(), String> {
+        self.ep.poll(&mut self.cqes);
+        match self.cqes.iter().find(|(_, c)| c.status != WC_SUCCESS) {
+            Some((_, c)) => Err(format!("completion error status {}", c.status)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `write-lat` over the soft fabric without the device layer: two [`BareEndpoint`]s, one RC QP
+/// pair, the same ping-pong as [`write_lat_device`] (same tags, same signaling, same warm-up).
+/// Returns round trips in ns.
+pub fn write_lat_fabric(size: u64, iters: usize, inline: bool) -> Result<Vec<u64>, String> {
+    let half = size.max(64);
+    let (_fabric, a, b, qa, qb) = bare_pair(1, 2 * half)?;
+    // The device's limit (DeviceConfig::max_inline).
+    let use_inline = inline && size <= 512;
+    let last = size - 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wait = move |s: &mut FabricSide, i: usize| {
+        let ep = &s.ep;
+        if spin_until(|b| ep.read(half + last, b), tag(i), deadline) {
+            Ok(())
+        } else {
+            Err(format!("timed out at iteration {i}"))
+        }
+    };
+    let post = move |s: &mut FabricSide, i: usize, raddr: u64, _rkey: u32, signaled: bool| {
+        let inline_data = if use_inline {
+            let mut v = vec![0u8; size as usize];
+            v[last as usize] = tag(i);
+            Some(v)
+        } else {
+            s.ep.write(last, &[tag(i)]);
+            None
+        };
+        s.ep.post_send(
+            s.qpn,
+            [write_wr(i as u64, 0, size, raddr, signaled, inline_data)],
+        );
+        Ok(())
+    };
+    let side = |ep: &Arc<BareEndpoint>, qpn: u32| FabricSide {
+        ep: ep.clone(),
+        qpn,
+        cqes: Vec::with_capacity(64),
+    };
+    let to = (half, crate::fabric_path::MR_KEY);
+    let (rtts, sa, sb) = ping_pong(side(&a, qa[0]), side(&b, qb[0]), to, to, iters, wait, post)?;
+    for s in [&sa, &sb] {
+        if let Some((qpn, v)) = s.ep.failures().first() {
+            return Err(format!("QP {qpn:#x} failed (vendor error {v})"));
+        }
+    }
+    Ok(rtts)
+}
+
+/// `write-bw` over the soft fabric without the device layer: the loop of [`write_bw_device`]
+/// (one thread, `qps` QP pairs round robin, `batch` WRs handed to the engine under one lock
+/// acquisition, the last one signaled), with two [`BareEndpoint`]s.
+pub fn write_bw_fabric(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwStats, String> {
+    let batch = batch.max(1);
+    let qps = qps.max(1);
+    let sq_depth = (2 * batch).next_power_of_two().max(16);
+    let slot = size.max(64);
+    let (_fabric, a, b, qa, _qb) = bare_pair(qps, slot * qps as u64)?;
+    let mut inflight = vec![0u32; qps as usize];
+    let mut cqes = Vec::with_capacity(4096);
+    let mut posted = 0u64;
+    let mut done = 0u64;
+    let mut first_completion = None;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    let mut q = 0usize;
+    while done < msgs {
+        if posted < msgs && inflight[q] + batch <= sq_depth {
+            let n = batch.min((msgs - posted) as u32);
+            let off = q as u64 * slot;
+            a.post_send(
+                qa[q],
+                (0..n).map(|k| write_wr(q as u64, off, size, off, k + 1 == n, None)),
+            );
+            inflight[q] += n;
+            posted += n as u64;
+        }
+        q = (q + 1) % qps as usize;
+        a.poll(&mut cqes);
+        for (_, c) in &cqes {
+            if c.status != WC_SUCCESS {
+                return Err(format!("completion status {}", c.status));
+            }
+            let qi = c.wr_id as usize;
+            let retired = batch.min(inflight[qi]);
+            inflight[qi] -= retired;
+            done += retired as u64;
+            first_completion.get_or_insert_with(|| start.elapsed());
+        }
+        if Instant::now() > deadline {
+            return Err("write-bw (fabric) timed out".into());
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if let Some((qpn, v)) = a.failures().first().or(b.failures().first()) {
+        return Err(format!("QP {qpn:#x} failed (vendor error {v})"));
+    }
+    Ok(BwStats {
+        test: "write_bw",
+        path: "fabric",
+        bytes: size,
+        qps,
+        batch,
+        msgs: done,
+        msg_rate_mpps: done as f64 / secs / 1e6,
+        bw_gbps: done as f64 * size as f64 * 8.0 / secs / 1e9,
+        first_completion_us: first_completion.map_or(0.0, |d| d.as_secs_f64() * 1e6),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// read-lat, send-lat, atomic-lat (path=device, poll)
+// ---------------------------------------------------------------------------------------------
+
+/// A byte pattern that differs per side and per offset (and is never all zero).
+fn pattern(seed: u8, len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// Spins on the send CQ for one completion; checks its status, opcode and byte count.
+fn poll_one(s: &mut Side, opcode: u8, byte_len: u32, deadline: Instant) -> Result<Cqe, String> {
+    let mut cqe = [Cqe::default(); 1];
+    let mut spins = 0u32;
+    while s.d.poll_cq(&mut s.cq, &mut cqe) == 0 {
+        spins += 1;
+        if spins.is_multiple_of(4096) && Instant::now() > deadline {
+            return Err("timed out waiting for a completion".into());
+        }
+        std::hint::spin_loop();
+    }
+    let c = cqe[0];
+    if c.status != WC_SUCCESS {
+        return Err(format!("completion error status {}", c.status));
+    }
+    if c.opcode != opcode || c.byte_len != byte_len {
+        return Err(format!(
+            "unexpected completion: opcode {} byte_len {} (want {opcode}, {byte_len})",
+            c.opcode, c.byte_len
+        ));
+    }
+    Ok(c)
+}
+
+/// `read-lat` (ib_read_lat semantics): the client RDMA-READs `size` bytes of the server's buffer
+/// into its own, one READ at a time, and busy-polls its send CQ for the completion; the
+/// server's CPU does nothing (its device answers in the client's thread, as a NIC would). The
+/// latency is the full round trip. At the end the client's copy must equal the server's bytes.
+pub fn read_lat_device(size: u64, iters: usize) -> Result<LatStats, String> {
+    let (_fabric, mut a, b) = rc_pair(size, 0)?;
+    let half = size.max(64);
+    let data = pattern(0x5b, size);
+    b.buf.write(0, &data);
+    let sge = [a.mr.sge(half, size as u32)];
+    let (raddr, rkey) = (b.mr.iova, b.mr.rkey);
+    let total = iters + warmup_of(iters);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut stamps = Vec::with_capacity(total + 1);
+    for i in 0..total {
+        stamps.push(Instant::now());
+        let wr = SendWr::read(i as u64, &sge, raddr, rkey);
+        a.d.post_send(&mut a.qp, &[wr]).map_err(|e| e.to_string())?;
+        poll_one(&mut a, abi::WC_OP_RDMA_READ, size as u32, deadline)?;
+    }
+    stamps.push(Instant::now());
+    let got = a.buf.read_vec(half, size as usize);
+    if got != data {
+        return Err("READ data differs from the server's buffer".into());
+    }
+    let rtts = rtts_of(&stamps, warmup_of(iters));
+    Ok(LatStats::from_full_rtts(
+        "read_lat", "device", size, "poll", &rtts,
+    ))
+}
+
+/// `atomic-lat` (ib_atomic_lat semantics): the client posts one 8-byte FETCH_AND_ADD (add 1) —
+/// or CMP_AND_SWP (compare `i`, swap `i + 1`), with `cmp_swap` — at a time on the server's
+/// buffer and busy-polls its send CQ; full round trips. At the end the server's word must equal
+/// the number of operations and the last returned original value one less.
+pub fn atomic_lat_device(iters: usize, cmp_swap: bool) -> Result<LatStats, String> {
+    let (_fabric, mut a, b) = rc_pair(8, 0)?;
+    if a.d.features() & abi::VRDMA_F_ATOMICS == 0 {
+        return Err("the device did not negotiate VRDMA_F_ATOMICS".into());
+    }
+    let sge = [a.mr.sge(64, 8)];
+    let (raddr, rkey) = (b.mr.iova, b.mr.rkey);
+    let total = iters + warmup_of(iters);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let opcode = if cmp_swap {
+        abi::WC_OP_COMP_SWAP
+    } else {
+        abi::WC_OP_FETCH_ADD
+    };
+    let mut stamps = Vec::with_capacity(total + 1);
+    for i in 0..total {
+        stamps.push(Instant::now());
+        let n = i as u64;
+        let wr = if cmp_swap {
+            SendWr::cmp_swap(n, &sge, raddr, rkey, n, n + 1)
+        } else {
+            SendWr::fetch_add(n, &sge, raddr, rkey, 1)
+        };
+        a.d.post_send(&mut a.qp, &[wr]).map_err(|e| e.to_string())?;
+        poll_one(&mut a, opcode, 8, deadline)?;
+    }
+    stamps.push(Instant::now());
+    let (word, orig) = (b.buf.read_u64(0), a.buf.read_u64(64));
+    if word != total as u64 || orig != total as u64 - 1 {
+        return Err(format!(
+            "atomics: remote word {word}, last original {orig} after {total} operations"
+        ));
+    }
+    let rtts = rtts_of(&stamps, warmup_of(iters));
+    Ok(LatStats::from_full_rtts(
+        "atomic_lat",
+        "device",
+        8,
+        "poll",
+        &rtts,
+    ))
+}
+
+/// Receives kept posted per side in `send-lat`.
+const SEND_LAT_RECVS: u64 = 128;
+
+/// `send-lat` (ib_send_lat semantics): a ping-pong of `size`-byte SENDs; each side keeps
+/// receives posted into its receive half, busy-polls its receive CQ for the peer's message and
+/// re-posts the consumed receive; one SEND in 16 is signaled and the send CQ drained every
+/// iteration. Half round trips. Every received message's last byte must carry the iteration's
+/// tag, and at the end each side's receive half must equal the peer's send half.
+pub fn send_lat_device(size: u64, iters: usize, inline: bool) -> Result<LatStats, String> {
+    let max_inline = if inline { 512 } else { 0 };
+    let (_fabric, mut a, mut b) = rc_pair(size, max_inline)?;
+    let use_inline = inline && size <= a.qp.caps().max_inline as u64;
+    let half = size.max(64);
+    let last = size - 1;
+    for (s, seed) in [(&mut a, 0x11u8), (&mut b, 0x77)] {
+        s.buf.write(0, &pattern(seed, size));
+        let sge = [s.mr.sge(half, size as u32)];
+        let recvs: Vec<RecvWr> = (0..SEND_LAT_RECVS).map(|i| RecvWr::new(i, &sge)).collect();
+        s.d.post_recv(&mut s.qp, &recvs)
+            .map_err(|e| e.to_string())?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let wait = move |s: &mut Side, i: usize| {
+        let mut cqe = [Cqe::default(); 1];
+        let mut spins = 0u32;
+        while s.d.poll_cq(&mut s.rcq, &mut cqe) == 0 {
+            spins += 1;
+            if spins.is_multiple_of(4096) && Instant::now() > deadline {
+                return Err(format!("timed out at iteration {i}"));
+            }
+            std::hint::spin_loop();
+        }
+        let c = cqe[0];
+        if c.status != WC_SUCCESS || c.opcode != abi::WC_OP_RECV || c.byte_len != size as u32 {
+            return Err(format!(
+                "receive completion: status {} opcode {} byte_len {}",
+                c.status, c.opcode, c.byte_len
+            ));
+        }
+        let mut t = [0u8];
+        s.buf.read(half + last, &mut t);
+        if t[0] != tag(i) {
+            return Err(format!(
+                "iteration {i}: received tag {} want {}",
+                t[0],
+                tag(i)
+            ));
+        }
+        let sge = [s.mr.sge(half, size as u32)];
+        s.d.post_recv(&mut s.qp, &[RecvWr::new(i as u64, &sge)])
+            .map_err(|e| e.to_string())
+    };
+    let post = move |s: &mut Side, i: usize, _raddr: u64, _rkey: u32, signaled: bool| {
+        let mut inline_data = [0u8; 512];
+        let sge = [s.mr.sge(0, size as u32)];
+        let wr = if use_inline {
+            // As write-lat's inline path: zeros and the tag, no buffer access.
+            inline_data[last as usize] = tag(i);
+            SendWr::send_inline(i as u64, &inline_data[..size as usize])
+        } else {
+            s.buf.write(last, &[tag(i)]);
+            SendWr::send(i as u64, &sge)
+        };
+        let wr = if signaled { wr } else { wr.unsignaled() };
+        s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())
+    };
+    let (rtts, a, b) = ping_pong(a, b, (0, 0), (0, 0), iters, wait, post)?;
+    // The last message each way carried the last tag, after the sender's send half (or, inline,
+    // zeros).
+    let total = iters + warmup_of(iters);
+    for (rx, tx) in [(&a, &b), (&b, &a)] {
+        let got = rx.buf.read_vec(half, size as usize);
+        let mut want = if use_inline {
+            vec![0u8; size as usize]
+        } else {
+            tx.buf.read_vec(0, size as usize)
+        };
+        want[last as usize] = tag(total - 1);
+        if got != want {
+            return Err("SEND data differs from the peer's send buffer".into());
+        }
+    }
+    Ok(LatStats::from_rtts(
+        "send_lat", "device", size, "poll", &rtts,
+    ))
+}
+
+/// Consecutive differences of `stamps` in ns, after `skip` warm-up iterations.
+fn rtts_of(stamps: &[Instant], skip: usize) -> Vec<u64> {
+    stamps
+        .windows(2)
+        .skip(skip)
+        .map(|w| (w[1] - w[0]).as_nanos() as u64)
+        .collect()
 }

@@ -21,7 +21,7 @@ pub mod packet;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -29,7 +29,6 @@ use std::time::Instant;
 use thiserror::Error;
 use vrdma_abi::Gid;
 
-use crate::device::Vrdma;
 use packet::Packet;
 
 /// Errors of fabric membership.
@@ -38,6 +37,25 @@ pub enum FabricError {
     /// Another device already uses this GID.
     #[error("GID {0:02x?} is already attached")]
     GidInUse([u8; 16]),
+    /// The port belongs to another fabric.
+    #[error("the port belongs to another fabric")]
+    OtherFabric,
+    /// The fabric is being dropped.
+    #[error("the fabric is gone")]
+    Gone,
+}
+
+/// What a [`Port`] delivers to: a device, or anything else that drives a
+/// [`engine::SoftBackend`] (benchmarks use a bare endpoint without the device layer to measure
+/// the fabric alone).
+///
+/// The fabric calls [`Endpoint::process_fabric`] with no endpoint lock held, after packets were
+/// pushed into the endpoint's port inbox or one of its timers expired. The endpoint handles them
+/// (typically: lock itself, run its backend's `process`) and returns the ports its processing
+/// sent packets to, which the fabric drives next.
+pub trait Endpoint: Send + Sync {
+    /// Handles packets queued for this endpoint and timers that expired.
+    fn process_fabric(&self) -> Work;
 }
 
 /// A sender's memory of its last destination port.
@@ -140,7 +158,10 @@ impl SoftFabric {
         }
     }
 
-    pub(crate) fn attach(&self, port: Arc<Port>) -> Result<(), FabricError> {
+    /// Makes `port` reachable under its GID (and its timers servable). Devices attach
+    /// themselves; other endpoints attach the port they created with [`Port::new`] and detach it
+    /// with [`SoftFabric::detach`] when they go away.
+    pub fn attach(&self, port: Arc<Port>) -> Result<(), FabricError> {
         let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
         if ports.contains_key(&port.gid) {
             return Err(FabricError::GidInUse(port.gid.raw));
@@ -154,7 +175,56 @@ impl SoftFabric {
         Ok(())
     }
 
-    pub(crate) fn detach(&self, port: &Port) {
+    /// The migration step that re-targets peers: `new` (a restored endpoint) takes the place of
+    /// whichever port is attached under its GID. From now on every packet for the GID reaches
+    /// `new`: route caches are invalidated (epoch), packets held in the old port's inbox move
+    /// to `new` in order, and late packets that still reach the old port are forwarded. Peers
+    /// keep their QPNs, PSNs and operations; nothing is lost or duplicated.
+    ///
+    /// Across processes (RoCEv2) the same step is a message to every peer naming the GID's new
+    /// location; in-process the port table is that location.
+    pub fn take_over(&self, new: &Arc<Port>) -> Result<(), FabricError> {
+        if !Arc::ptr_eq(
+            &new.fabric,
+            &self.self_ref.upgrade().ok_or(FabricError::Gone)?,
+        ) {
+            return Err(FabricError::OtherFabric);
+        }
+        let old = {
+            let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
+            let old = ports.insert(new.gid, new.clone());
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+            by_id.insert(new.id, Arc::downgrade(new));
+            if let Some(o) = &old {
+                by_id.remove(&o.id);
+            }
+            old
+        };
+        if let Some(old) = old.filter(|o| o.id != new.id) {
+            let mut inbox = old.inbox.lock().unwrap_or_else(|e| e.into_inner());
+            *old.moved_to.lock().unwrap_or_else(|e| e.into_inner()) = Some(new.clone());
+            let held = std::mem::take(&mut *inbox);
+            drop(inbox);
+            new.inbox
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(held);
+        }
+        Ok(())
+    }
+
+    /// Whether the port attached under `gid` is paused (its device is stopped for migration).
+    pub fn is_paused(&self, gid: &Gid) -> bool {
+        self.ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(gid)
+            .is_some_and(|p| p.paused.load(Ordering::Acquire))
+    }
+
+    /// Removes `port` (if it is the one attached under its GID).
+    pub fn detach(&self, port: &Port) {
         let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
         if ports.get(&port.gid).is_some_and(|p| p.id == port.id) {
             ports.remove(&port.gid);
@@ -184,8 +254,8 @@ impl SoftFabric {
         match port {
             Some(p) => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
-                p.push(pkt);
-                work.add(&p);
+                let got = p.push(pkt);
+                work.add(&got);
             }
             None => {
                 self.unroutable.fetch_add(1, Ordering::Relaxed);
@@ -201,8 +271,8 @@ impl SoftFabric {
             if *gid == pkt.dst && *e == epoch {
                 let port = port.clone();
                 self.delivered.fetch_add(1, Ordering::Relaxed);
-                port.push(pkt);
-                work.add(&port);
+                let got = port.push(pkt);
+                work.add(&got);
                 return;
             }
         }
@@ -326,13 +396,17 @@ impl Drop for SoftFabric {
     }
 }
 
-/// A device's attachment to the fabric.
+/// An endpoint's (normally a device's) attachment to the fabric.
 pub struct Port {
     fabric: Arc<SoftFabric>,
     gid: Gid,
     id: u64,
-    dev: Weak<Vrdma>,
+    dev: Weak<dyn Endpoint>,
     inbox: Mutex<VecDeque<Packet>>,
+    /// Set when a restored endpoint took over this port's GID: packets that still reach this
+    /// port (a sender that looked the route up just before) are forwarded there.
+    moved_to: Mutex<Option<Arc<Port>>>,
+    paused: AtomicBool,
 }
 
 impl std::fmt::Debug for Port {
@@ -342,7 +416,14 @@ impl std::fmt::Debug for Port {
 }
 
 impl Port {
-    pub(crate) fn new(fabric: Arc<SoftFabric>, gid: Gid, dev: Weak<Vrdma>) -> Arc<Self> {
+    /// A port of `fabric` with address `gid`, delivering to `dev`. It is not reachable until
+    /// [`SoftFabric::attach`]ed.
+    pub fn new<E: Endpoint + 'static>(
+        fabric: Arc<SoftFabric>,
+        gid: Gid,
+        dev: Weak<E>,
+    ) -> Arc<Self> {
+        let dev: Weak<dyn Endpoint> = dev;
         let id = fabric.alloc_id();
         Arc::new(Self {
             fabric,
@@ -350,7 +431,24 @@ impl Port {
             id,
             dev,
             inbox: Mutex::new(VecDeque::new()),
+            moved_to: Mutex::new(None),
+            paused: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the endpoint paused (stopped for migration) or running again. Peers whose ACK
+    /// timer expires while their destination is paused wait instead of spending a retry: the
+    /// in-process form of MigrOS's "paused" connection state.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+    }
+
+    /// Whether another port took this one's place ([`SoftFabric::take_over`]).
+    pub fn is_moved(&self) -> bool {
+        self.moved_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// The fabric.
@@ -363,11 +461,24 @@ impl Port {
         self.gid
     }
 
-    fn push(&self, pkt: Packet) {
-        self.inbox
+    /// Queues a packet; returns the port that now holds it (this one, or its successor).
+    fn push(self: &Arc<Self>, pkt: Packet) -> Arc<Port> {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self
+            .moved_to
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(pkt);
+            .clone();
+        match next {
+            None => {
+                inbox.push_back(pkt);
+                self.clone()
+            }
+            Some(next) => {
+                drop(inbox);
+                next.push(pkt)
+            }
+        }
     }
 
     /// Moves every pending inbound packet to the back of `out`.
