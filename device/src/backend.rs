@@ -12,13 +12,14 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vrdma_abi::Gid;
 
 use crate::mr::SegList;
 use crate::GuestMemoryMmap;
 
 /// A validated send work request.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendWr {
     /// The guest's WR id.
     pub wr_id: u64,
@@ -52,7 +53,7 @@ pub struct SendWr {
 }
 
 /// Where a UD datagram goes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UdDest {
     /// Destination GID.
     pub gid: Gid,
@@ -110,7 +111,7 @@ pub struct Completion {
 }
 
 /// The QP attributes a backend needs, as the core holds them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QpInfo {
     /// QPN.
     pub qpn: u32,

@@ -13,12 +13,13 @@ use vrdma_abi as abi;
 
 use crate::error::{ActivateError, DeviceError};
 use crate::interrupt::Interrupt;
+use crate::persist::{MigrationError, MigrationState};
 use crate::soft::{Port, SoftFabric};
 use crate::{state::State, GuestMemoryMmap};
 
 /// Limits and identity of one device. Every limit bounds host memory a guest can make the
 /// device allocate.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceConfig {
     /// The port's GID (index 0 of the GID table); the device's address on the fabric.
     pub gid: abi::Gid,
@@ -174,6 +175,8 @@ pub struct Vrdma {
     config_space: abi::VrdmaConfig,
     port: Arc<Port>,
     state: Mutex<State>,
+    /// Built by [`Vrdma::restore`] and not yet resumed (not yet attached to the fabric).
+    restored: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Vrdma {
@@ -194,6 +197,7 @@ impl Vrdma {
                 state: Mutex::new(State::new(cfg.clone(), port.clone())),
                 cfg,
                 port,
+                restored: std::sync::atomic::AtomicBool::new(false),
             }
         });
         fabric
@@ -294,6 +298,10 @@ impl Vrdma {
     pub fn queue_notify(&self, index: u16) {
         let work = {
             let mut st = self.lock();
+            if !st.mig.processes_guest_work() {
+                // Stopped for migration (the vCPUs should be paused): resume rescans everything.
+                return;
+            }
             match index {
                 abi::CTRLQ => st.process_ctrlq(),
                 abi::EVENTQ => st.process_doorbells(),
@@ -310,6 +318,10 @@ impl Vrdma {
     pub fn reset(&self) {
         let work = {
             let mut st = self.lock();
+            if !st.mig.processes_guest_work() {
+                tracing::warn!("device reset while stopped for migration: ignored");
+                return;
+            }
             st.reset();
             st.take_fabric_work()
         };
@@ -319,14 +331,214 @@ impl Vrdma {
     /// Handles packets queued for this device and timers that expired. Called by the fabric.
     pub(crate) fn process_fabric(&self) -> crate::soft::Work {
         let mut st = self.lock();
+        if !st.mig.processes_guest_work() {
+            // Held: the packets stay in the port's inbox and follow the device on migration.
+            return crate::soft::Work::default();
+        }
         st.process_inbound();
         st.take_fabric_work()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Live migration (docs/migration.md)
+    // -----------------------------------------------------------------------------------------
+
+    /// Where the device is in the migration state machine.
+    pub fn migration_state(&self) -> MigrationState {
+        if self.port.is_moved() {
+            return MigrationState::MigratedAway;
+        }
+        self.lock().mig
+    }
+
+    /// Running → Quiescing: stop initiating. New send WQEs stay in their rings; everything
+    /// already accepted keeps making progress (see [`Vrdma::outstanding`]). Idempotent.
+    pub fn quiesce(&self) -> Result<(), MigrationError> {
+        self.refuse_if_moved("quiesce")?;
+        let mut st = self.lock();
+        match st.mig {
+            MigrationState::Running | MigrationState::Quiescing => {
+                st.mig = MigrationState::Quiescing;
+                Ok(())
+            }
+            state => Err(MigrationError::WrongState {
+                op: "quiesce",
+                state,
+            }),
+        }
+    }
+
+    /// Running or Quiescing → Stopped: from now on the device writes nothing into guest memory,
+    /// raises no interrupt and handles no packet; inbound packets are held by the fabric and
+    /// peers' ACK timers wait instead of counting retries. Coalesced ACKs still owed to peers
+    /// are sent first. Idempotent.
+    pub fn stop(&self) -> Result<(), MigrationError> {
+        self.refuse_if_moved("stop")?;
+        let work = {
+            let mut st = self.lock();
+            match st.mig {
+                MigrationState::Running | MigrationState::Quiescing => {}
+                MigrationState::Stopped => return Ok(()),
+                state => return Err(MigrationError::WrongState { op: "stop", state }),
+            }
+            st.backend.flush_pending_acks();
+            st.mig = MigrationState::Stopped;
+            self.port.set_paused(true);
+            log_doorbell_area(&st);
+            st.take_fabric_work()
+        };
+        self.port.fabric().run(work);
+        Ok(())
+    }
+
+    /// A device whose place a restored instance took refuses every migration step (its own
+    /// state says Stopped; [`Vrdma::migration_state`] says MigratedAway).
+    fn refuse_if_moved(&self, op: &'static str) -> Result<(), MigrationError> {
+        if self.port.is_moved() {
+            return Err(MigrationError::WrongState {
+                op,
+                state: MigrationState::MigratedAway,
+            });
+        }
+        Ok(())
+    }
+
+    /// Work requests the device accepted and has not completed yet (all QPs).
+    pub fn outstanding(&self) -> usize {
+        self.lock().backend.total_outstanding()
+    }
+
+    /// Saves the device state as a versioned blob ([`crate::persist`]). Only when stopped; the
+    /// device is not changed, so an aborted migration simply resumes it.
+    pub fn save(&self) -> Result<Vec<u8>, MigrationError> {
+        if self.port.is_moved() {
+            return Err(MigrationError::WrongState {
+                op: "save",
+                state: MigrationState::MigratedAway,
+            });
+        }
+        let st = self.lock();
+        if st.mig != MigrationState::Stopped {
+            return Err(MigrationError::WrongState {
+                op: "save",
+                state: st.mig,
+            });
+        }
+        Ok(st.save())
+    }
+
+    /// Builds a device from a saved blob over `mem` (a copy of the source's guest memory),
+    /// raising interrupts through `irq`. The new device is Stopped and not yet reachable on the
+    /// fabric: [`Vrdma::resume`] makes it take over the source's GID. Every value in the blob
+    /// is validated; a bad blob is an error and changes nothing.
+    pub fn restore(
+        fabric: &Arc<SoftFabric>,
+        mem: Arc<GuestMemoryMmap>,
+        irq: Arc<dyn Interrupt>,
+        blob: &[u8],
+    ) -> Result<Arc<Self>, MigrationError> {
+        let cfg = crate::persist::blob_config(blob)?;
+        cfg.validate()
+            .map_err(|e| MigrationError::Invalid(e.to_string()))?;
+        let config_space = cfg.config_space();
+        let mut err = None;
+        let dev = Arc::new_cyclic(|weak| {
+            let port = Port::new(fabric.clone(), cfg.gid, weak.clone());
+            let state = match State::restore(cfg.clone(), port.clone(), mem, irq, blob) {
+                Ok(mut s) => {
+                    s.mig = MigrationState::Stopped;
+                    s
+                }
+                Err(e) => {
+                    err = Some(e);
+                    State::new(cfg.clone(), port.clone())
+                }
+            };
+            port.set_paused(true);
+            Vrdma {
+                config_space,
+                state: Mutex::new(state),
+                cfg,
+                port,
+                restored: std::sync::atomic::AtomicBool::new(true),
+            }
+        });
+        match err {
+            Some(e) => Err(e),
+            None => Ok(dev),
+        }
+    }
+
+    /// Quiescing or Stopped → Running. On a restored device this is the moment it takes the
+    /// source's place on the fabric (peers re-targeted, held packets moved over). On a source
+    /// whose migration was aborted it simply resumes. Either way the device then catches up with
+    /// everything posted or received meanwhile.
+    pub fn resume(&self) -> Result<(), MigrationError> {
+        use std::sync::atomic::Ordering;
+        if self.port.is_moved() {
+            return Err(MigrationError::WrongState {
+                op: "resume",
+                state: MigrationState::MigratedAway,
+            });
+        }
+        let work = {
+            let mut st = self.lock();
+            match st.mig {
+                MigrationState::Running => return Ok(()),
+                MigrationState::Quiescing | MigrationState::Stopped => {}
+                state => {
+                    return Err(MigrationError::WrongState {
+                        op: "resume",
+                        state,
+                    })
+                }
+            }
+            let restored = self.restored.swap(false, Ordering::AcqRel);
+            if restored {
+                if let Err(e) = self.port.fabric().take_over(&self.port) {
+                    self.restored.store(true, Ordering::Release);
+                    return Err(MigrationError::Fabric(e.to_string()));
+                }
+            }
+            st.mig = MigrationState::Running;
+            self.port.set_paused(false);
+            st.kick_all(restored);
+            st.take_fabric_work()
+        };
+        self.port.fabric().run(work);
+        Ok(())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock means a panic in device code, which is a bug; keep serving the guest
         // with the state as it is rather than propagating the panic into the VMM.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Marks the doorbell area dirty in the guest memory's log. The device consumes doorbell bits
+/// with atomic exchanges (`take_bits` in `state.rs`), which vm-memory's dirty bitmap does not
+/// see; without this, the final pre-copy round after `stop` would miss bits the device cleared
+/// since the page was last copied, and the destination would hold stale doorbell bits — a bit
+/// left set makes the guest's next doorbell for that QP/CQ look already pending, so it never
+/// notifies and the WQE never runs. Nothing changes the area while stopped, so copying it in
+/// the final round gives the exact image.
+fn log_doorbell_area(st: &State) {
+    let (Some(gpa), Some(mem)) = (st.core.db_gpa, st.core.mem.as_ref()) else {
+        return;
+    };
+    let len = abi::doorbell_area_size(st.core.cfg.max_qp, st.core.cfg.max_cq) as usize;
+    use vm_memory::bitmap::Bitmap as _;
+    use vm_memory::GuestMemoryBackend as _;
+    // The area was checked to lie in one region when it was registered.
+    if let Ok(s) = mem.get_slice(vm_memory::GuestAddress(gpa), len) {
+        s.bitmap().mark_dirty(0, len);
+    }
+}
+
+impl crate::soft::Endpoint for Vrdma {
+    fn process_fabric(&self) -> crate::soft::Work {
+        Vrdma::process_fabric(self)
     }
 }
 

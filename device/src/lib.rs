@@ -18,10 +18,12 @@
 pub mod backend;
 mod ctrl;
 pub mod device;
+pub mod dirty;
 pub mod error;
 mod gm;
 pub mod interrupt;
 pub mod mr;
+pub mod persist;
 pub mod qp;
 pub mod ring;
 pub mod soft;
@@ -31,6 +33,7 @@ pub mod tables;
 pub use device::{DeviceConfig, Vrdma};
 pub use error::{ActivateError, DeviceError};
 pub use interrupt::{EventFdInterrupt, Interrupt, InterruptKind};
+pub use persist::{MigrationError, MigrationState};
 
 /// Guest memory as the device sees it: mmap-backed, with a dirty bitmap so that every write the
 /// device makes is visible to a VMM's migration loop.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 use vrdma_abi::{self as abi, QpAttr};
 
@@ -15,6 +16,7 @@ use crate::device::DeviceConfig;
 use crate::gm;
 use crate::interrupt::{Interrupt, InterruptKind};
 use crate::mr::{Mr, SegList};
+use crate::persist::MigrationState;
 use crate::ring::Ring;
 use crate::soft::engine::{wc_opcode, SoftBackend};
 use crate::soft::{Port, Work};
@@ -140,6 +142,8 @@ pub(crate) struct Core {
 }
 
 pub(crate) struct State {
+    /// Where the device is in the migration state machine.
+    pub mig: MigrationState,
     pub acked_features: u64,
     pub active: Option<Active>,
     pub core: Core,
@@ -151,7 +155,7 @@ pub(crate) struct State {
 type WqeError = (u8, u32);
 
 impl Core {
-    fn new(cfg: DeviceConfig) -> Self {
+    pub(crate) fn new(cfg: DeviceConfig) -> Self {
         Self {
             pds: HandleTable::new(cfg.max_pd),
             mrs: HandleTable::new(cfg.max_mr),
@@ -405,7 +409,7 @@ impl Core {
     }
 
     /// Handles an arm request for the CQ with table index `index`.
-    fn process_arm(&mut self, index: u32) {
+    pub(crate) fn process_arm(&mut self, index: u32) {
         let Some(mem) = self.mem.clone() else {
             return;
         };
@@ -636,6 +640,7 @@ impl DeviceOps for Core {
 impl State {
     pub fn new(cfg: DeviceConfig, port: Arc<Port>) -> Self {
         Self {
+            mig: MigrationState::Running,
             acked_features: 0,
             active: None,
             core: Core::new(cfg),
@@ -693,6 +698,8 @@ impl State {
         };
         qp.sq_stalled = false;
         match qp.attr.qp_state {
+            // Quiescing for migration: no new WQEs are fetched (resume rescans every SQ).
+            abi::QPS_RTS if self.mig != MigrationState::Running => return,
             abi::QPS_RTS => {}
             abi::QPS_ERR | abi::QPS_SQE => {
                 self.core.flush_rings(qpn);
@@ -883,6 +890,38 @@ impl State {
         }
     }
 
+    /// After a stop (or a restore): does everything a notification or a timer might have
+    /// asked for meanwhile. Control requests, every SQ (WQEs posted while quiescing), every CQ
+    /// arm request, held inbound packets and expired timers; a restored device also re-arms its
+    /// timers and re-raises a moderated interrupt that was pending (a spurious interrupt is
+    /// harmless, a lost one is not).
+    pub fn kick_all(&mut self, restored: bool) {
+        if restored {
+            self.backend.restart_timers();
+            if self.core.moderation.pending > 0 {
+                self.raise_event_irq();
+            }
+        }
+        if self.active.is_none() {
+            return;
+        }
+        self.process_ctrlq();
+        for qpn in self.core.qps.handles() {
+            self.process_sq(qpn);
+        }
+        let cqs: Vec<u32> = self
+            .core
+            .cqs
+            .handles()
+            .into_iter()
+            .map(abi::handle_index)
+            .collect();
+        for index in cqs {
+            self.core.process_arm(index);
+        }
+        self.process_inbound();
+    }
+
     /// Device reset: flush every outstanding WR, then forget everything.
     pub fn reset(&mut self) {
         if self.core.mem.is_some() {
@@ -916,13 +955,17 @@ fn take_bits(mem: &GuestMemoryMmap, summary_at: u64, base: u64, max: u32) -> Vec
     ) else {
         return out;
     };
-    let Ok(sum) = sum.get_atomic_ref::<AtomicU64>(0) else {
+    let sum_slice = sum;
+    let Ok(sum) = sum_slice.get_atomic_ref::<AtomicU64>(0) else {
         return out;
     };
     if sum.load(Ordering::Relaxed) == 0 {
         return out;
     }
     let mut flagged = sum.swap(0, Ordering::AcqRel);
+    // Atomic references bypass vm-memory's dirty log: record the cleared words by hand, so a
+    // pre-copy round sees them (docs/migration.md).
+    sum_slice.bitmap().mark_dirty(0, 8);
     while flagged != 0 {
         let first = flagged.trailing_zeros() as u64;
         flagged &= flagged - 1;
@@ -931,6 +974,7 @@ fn take_bits(mem: &GuestMemoryMmap, summary_at: u64, base: u64, max: u32) -> Vec
             if let Ok(cell) = slice.get_atomic_ref::<AtomicU64>((w * 8) as usize) {
                 if cell.load(Ordering::Relaxed) != 0 {
                     let mut bits = cell.swap(0, Ordering::AcqRel);
+                    slice.bitmap().mark_dirty((w * 8) as usize, 8);
                     while bits != 0 {
                         let b = bits.trailing_zeros();
                         bits &= bits - 1;

@@ -5,7 +5,21 @@
 //! object is rejected instead of silently naming the next tenant. Handles are chosen by the
 //! device and are part of the saved state, so they survive live migration unchanged.
 
+use serde::{Deserialize, Serialize};
 use vrdma_abi::{handle_index, handle_key, make_handle};
+
+/// A table as saved for live migration: the key byte of every slot ever used (so handles that
+/// were stale before migration stay stale after it), the free list in allocation order (so the
+/// next handles are the same ones the source would have chosen), and the live objects by handle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSnapshot<T> {
+    /// Key byte of each slot, index 1 first.
+    pub keys: Vec<u8>,
+    /// Free slot indices, in the order the table reuses them (last first).
+    pub free: Vec<u32>,
+    /// Live objects with their handles.
+    pub objs: Vec<(u32, T)>,
+}
 
 /// A table of objects addressed by handles. Index 0 is never used, so no valid handle is 0.
 #[derive(Debug, Clone)]
@@ -54,6 +68,64 @@ impl<T> HandleTable<T> {
         slot.obj = Some(obj);
         self.live += 1;
         Some(make_handle(index, slot.key))
+    }
+
+    /// Saves the table, converting each object with `f`.
+    pub fn snapshot<U>(&self, mut f: impl FnMut(&T) -> U) -> TableSnapshot<U> {
+        TableSnapshot {
+            keys: self.slots.iter().map(|s| s.key).collect(),
+            free: self.free.clone(),
+            objs: self.iter().map(|(h, o)| (h, f(o))).collect(),
+        }
+    }
+
+    /// Rebuilds a table of at most `max` objects from a snapshot, converting (and validating)
+    /// each object with `f`. Refuses snapshots that do not describe a table this code could
+    /// have built: too many slots, handles whose key does not match their slot, duplicates, or
+    /// a free list that is not exactly the empty slots.
+    pub fn from_snapshot<U>(
+        max: u32,
+        snap: TableSnapshot<U>,
+        mut f: impl FnMut(u32, U) -> Result<T, String>,
+    ) -> Result<Self, String> {
+        if snap.keys.len() > max as usize {
+            return Err(format!("{} slots, at most {max}", snap.keys.len()));
+        }
+        let mut slots: Vec<Slot<T>> = snap
+            .keys
+            .iter()
+            .map(|&key| Slot { key, obj: None })
+            .collect();
+        let mut live = 0;
+        for (h, u) in snap.objs {
+            let index = handle_index(h) as usize;
+            let slot = index
+                .checked_sub(1)
+                .and_then(|i| slots.get_mut(i))
+                .ok_or_else(|| format!("handle {h:#x} outside the table"))?;
+            if slot.key != handle_key(h) || slot.obj.is_some() {
+                return Err(format!("handle {h:#x} does not match its slot"));
+            }
+            slot.obj = Some(f(h, u)?);
+            live += 1;
+        }
+        let mut seen = vec![false; slots.len()];
+        for &i in &snap.free {
+            let k = (i as usize).wrapping_sub(1);
+            match (slots.get(k), seen.get_mut(k)) {
+                (Some(s), Some(seen)) if s.obj.is_none() && !*seen => *seen = true,
+                _ => return Err(format!("bad free slot {i}")),
+            }
+        }
+        if snap.free.len() + live as usize != slots.len() {
+            return Err("free list does not cover the empty slots".into());
+        }
+        Ok(Self {
+            slots,
+            free: snap.free,
+            max,
+            live,
+        })
     }
 
     /// Re-inserts an object under a known handle (restore). Fails if the slot is taken or the

@@ -352,6 +352,15 @@ impl Buffer {
         &self.mem
     }
 
+    /// Points the buffer at `mem`, the destination's copy of guest memory after a live
+    /// migration (same guest-physical addresses).
+    ///
+    /// **Test harness only**, like [`crate::Driver::rebind`]: a real guest's buffers are guest
+    /// memory and move with it; the harness's host-side handle must be re-pointed.
+    pub fn rebind(&mut self, mem: Arc<GuestMemoryMmap>) {
+        self.mem = mem;
+    }
+
     /// Guest-physical address of byte `offset`.
     ///
     /// # Panics
@@ -632,6 +641,36 @@ mod tests {
         let mut a = GuestAlloc::new(GuestAddress(BASE), 1 << 20);
         let buf = Buffer::alloc(&mut a, &m, 100, PAGE_SHIFT, Layout::Any).unwrap();
         buf.write(90, &[0; 11]);
+    }
+
+    #[test]
+    fn rebound_buffer_uses_the_new_memory() {
+        let (m1, m2) = (mem(), mem());
+        let mut a = GuestAlloc::new(GuestAddress(BASE), 1 << 20);
+        let mut buf = Buffer::alloc(
+            &mut a,
+            &m1,
+            3 * PAGE_SIZE,
+            PAGE_SHIFT,
+            Layout::Discontiguous,
+        )
+        .unwrap();
+        buf.fill_pattern(9);
+        // "Migrate": copy the pages, then point the buffer at the copy.
+        for &p in buf.pages() {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            m1.read_slice(&mut page, GuestAddress(p)).unwrap();
+            m2.write_slice(&page, GuestAddress(p)).unwrap();
+        }
+        buf.rebind(m2.clone());
+        assert!(Arc::ptr_eq(buf.mem(), &m2));
+        assert_eq!(buf.to_vec(), pattern(9, buf.len() as usize));
+        buf.write(5000, &[0xcc; 4]);
+        let (mut old, mut new) = ([0u8; 4], [0u8; 4]);
+        m1.read_slice(&mut old, buf.gpa_of(5000)).unwrap();
+        m2.read_slice(&mut new, buf.gpa_of(5000)).unwrap();
+        assert_eq!(new, [0xcc; 4]);
+        assert_eq!(old[..], pattern(9, 5004)[5000..]);
     }
 
     #[test]

@@ -291,6 +291,29 @@ impl Driver {
         self.activate().inspect_err(|_| fail(t))
     }
 
+    /// Points the driver at a migrated device: from now on it reaches the device through
+    /// `transport` and guest memory through `mem` (the destination's copy).
+    ///
+    /// **Test harness only.** In a real VM the driver's state lives in guest memory and the
+    /// guest's vCPUs simply continue on the destination; nothing in the guest notices a live
+    /// migration. The in-process harness keeps the driver's state (queue indices, QP and CQ
+    /// producer/consumer indices, the allocator) in host objects instead, so after the VMM
+    /// migrated the VM these objects stand for "the guest kernel's memory" and only their
+    /// handles to the outside world change: this models the guest's CPU continuing on the
+    /// destination. Call it while nothing else uses the driver (the vCPUs were paused for the
+    /// migration), before the first access after the destination device resumed. Nothing is
+    /// sent to the device. [`Buffer`]s keep their own memory handle: rebind them with
+    /// [`Buffer::rebind`]; [`Qp`], [`Cq`] and [`Mr`] hold only indices and handles and need
+    /// nothing.
+    ///
+    /// [`Buffer`]: crate::Buffer
+    /// [`Buffer::rebind`]: crate::Buffer::rebind
+    /// [`Mr`]: crate::Mr
+    pub fn rebind(&mut self, transport: impl Transport + 'static, mem: Arc<GuestMemoryMmap>) {
+        self.transport = Box::new(transport);
+        self.mem = mem;
+    }
+
     /// Whether the device is live (DRIVER_OK set, not reset since).
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)

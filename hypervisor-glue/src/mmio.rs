@@ -12,6 +12,7 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{debug, warn};
 use virtio_bindings::virtio_config::{
@@ -24,7 +25,10 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
-use vrdma_device::{ActivateError, GuestMemoryMmap, Interrupt, InterruptKind, Vrdma};
+use vrdma_device::soft::SoftFabric;
+use vrdma_device::{
+    ActivateError, GuestMemoryMmap, Interrupt, InterruptKind, MigrationError, Vrdma,
+};
 
 /// Value of the `MagicValue` register: little-endian "virt".
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -650,6 +654,365 @@ impl MmioTransport {
             slot.reset();
         }
         self.interrupt_status.store(0, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live migration (docs/migration.md)
+// ---------------------------------------------------------------------------------------------
+
+/// Magic bytes at the start of a transport state blob ([`MmioTransport::save_state`]).
+pub const STATE_MAGIC: [u8; 8] = *b"VRDMMMIO";
+/// The transport state format version this build writes (and the only one it reads).
+pub const STATE_VERSION: u32 = 1;
+/// Length of the transport state header:
+///
+/// ```text
+/// offset  size  field
+/// 0       8     magic "VRDMMMIO"
+/// 8       4     format version (u32 LE) = 1
+/// 12      4     reserved, 0
+/// 16      8     body length in bytes (u64 LE)
+/// 24      4     CRC-32 (IEEE) of the body (u32 LE)
+/// 28      4     reserved, 0
+/// 32      ...   body: postcard encoding of the registers, the queue slots and the device blob
+/// ```
+///
+/// The device blob inside the body ([`Vrdma::save`]) has its own header and checksum.
+pub const STATE_HEADER_LEN: usize = 32;
+
+/// Errors of [`MmioTransport::save_state`] and [`MmioTransport::restore`]. A failed save
+/// changes nothing; a failed restore builds nothing (and leaves the source untouched).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TransportMigrationError {
+    /// The device refused the step or its blob (see [`MigrationError`]).
+    #[error("device: {0}")]
+    Device(#[from] MigrationError),
+    /// The blob ends early.
+    #[error("transport state truncated ({0})")]
+    Truncated(&'static str),
+    /// The blob does not start with [`STATE_MAGIC`].
+    #[error("not a vrdma transport state (bad magic)")]
+    BadMagic,
+    /// The blob's format version is not one this build reads.
+    #[error("unsupported transport state version {0} (this build reads version {STATE_VERSION})")]
+    UnsupportedVersion(u32),
+    /// The body does not match its checksum.
+    #[error("transport state checksum mismatch (corrupted)")]
+    Checksum,
+    /// The body does not decode.
+    #[error("transport state does not decode: {0}")]
+    Decode(String),
+    /// The decoded registers are inconsistent (with each other, the device or guest memory).
+    #[error("inconsistent transport state: {0}")]
+    Invalid(String),
+}
+
+fn invalid(what: impl Into<String>) -> TransportMigrationError {
+    TransportMigrationError::Invalid(what.into())
+}
+
+/// One queue slot as saved: virtio-queue's [`QueueState`](virtio_queue::QueueState) (mirrored,
+/// it has no serde support) plus the ring addresses exactly as the driver wrote them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct QueueSlotSnapshot {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    raw_desc: u64,
+    raw_driver: u64,
+    raw_device: u64,
+}
+
+impl QueueSlotSnapshot {
+    fn save(slot: &QueueSlot) -> Self {
+        let s = slot.queue.state();
+        Self {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            raw_desc: slot.desc,
+            raw_driver: slot.driver,
+            raw_device: slot.device,
+        }
+    }
+
+    /// Rebuilds the slot; virtio-queue checks the size and the ring alignments.
+    fn restore(self, index: usize, max_size: u16) -> Result<QueueSlot, TransportMigrationError> {
+        if self.max_size != max_size {
+            return Err(invalid(format!(
+                "queue {index}: maximum size {} (the device's is {max_size})",
+                self.max_size
+            )));
+        }
+        let queue = Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| invalid(format!("queue {index}: {e}")))?;
+        Ok(QueueSlot {
+            queue,
+            desc: self.raw_desc,
+            driver: self.raw_driver,
+            device: self.raw_device,
+        })
+    }
+}
+
+/// The body of a transport state blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct TransportSnapshot {
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<Option<QueueSlotSnapshot>>,
+    interrupt_status: u32,
+    /// The device's own blob ([`Vrdma::save`]).
+    device: Vec<u8>,
+}
+
+fn encode_state(snap: &TransportSnapshot) -> Vec<u8> {
+    let body = postcard::to_stdvec(snap).expect("serializing plain data into memory");
+    let mut out = Vec::with_capacity(STATE_HEADER_LEN + body.len());
+    out.extend_from_slice(&STATE_MAGIC);
+    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn decode_state(blob: &[u8]) -> Result<TransportSnapshot, TransportMigrationError> {
+    use TransportMigrationError as E;
+    if blob.len() < STATE_HEADER_LEN {
+        // A short blob that is not even the start of ours is reported as such.
+        let n = blob.len().min(STATE_MAGIC.len());
+        if blob[..n] != STATE_MAGIC[..n] {
+            return Err(E::BadMagic);
+        }
+        return Err(E::Truncated("header"));
+    }
+    if blob[..8] != STATE_MAGIC {
+        return Err(E::BadMagic);
+    }
+    let u32_at = |o: usize| u32::from_le_bytes([blob[o], blob[o + 1], blob[o + 2], blob[o + 3]]);
+    let version = u32_at(8);
+    if version != STATE_VERSION {
+        return Err(E::UnsupportedVersion(version));
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&blob[16..24]);
+    let body_len = u64::from_le_bytes(len);
+    let body = &blob[STATE_HEADER_LEN..];
+    if (body.len() as u64) < body_len {
+        return Err(E::Truncated("body"));
+    }
+    if body.len() as u64 != body_len {
+        return Err(invalid("trailing bytes after the body"));
+    }
+    if crc32fast::hash(body) != u32_at(24) {
+        return Err(E::Checksum);
+    }
+    if u32_at(12) != 0 || u32_at(28) != 0 {
+        return Err(invalid("reserved header fields are not zero"));
+    }
+    let (snap, rest) = postcard::take_from_bytes::<TransportSnapshot>(body)
+        .map_err(|e| E::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(E::Decode("trailing bytes in the body".into()));
+    }
+    Ok(snap)
+}
+
+/// Status bits a transport can hold.
+const S_KNOWN: u32 =
+    S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK | S_NEEDS_RESET | S_FAILED;
+
+/// Checks the registers against each other: the combinations [`MmioTransport::write_status`]
+/// can produce.
+fn check_registers(s: &TransportSnapshot, offered: u64) -> Result<(), TransportMigrationError> {
+    let st = s.status;
+    if st & !S_KNOWN != 0 {
+        return Err(invalid(format!("unknown status bits {st:#x}")));
+    }
+    for (bit, needs, what) in [
+        (S_DRIVER, S_ACKNOWLEDGE, "DRIVER without ACKNOWLEDGE"),
+        (S_FEATURES_OK, S_DRIVER, "FEATURES_OK without DRIVER"),
+        (S_DRIVER_OK, S_FEATURES_OK, "DRIVER_OK without FEATURES_OK"),
+        (
+            S_NEEDS_RESET,
+            S_DRIVER_OK,
+            "DEVICE_NEEDS_RESET without DRIVER_OK",
+        ),
+    ] {
+        if st & bit != 0 && st & needs == 0 {
+            return Err(invalid(format!("status {st:#x}: {what}")));
+        }
+    }
+    if st & S_DRIVER == 0 && s.driver_features != 0 {
+        return Err(invalid("driver features before DRIVER"));
+    }
+    if st & S_FEATURES_OK != 0
+        && (s.driver_features & F_VERSION_1 == 0 || s.driver_features & !offered != 0)
+    {
+        return Err(invalid("FEATURES_OK with features the device refuses"));
+    }
+    if s.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
+        return Err(invalid(format!(
+            "unknown interrupt status bits {:#x}",
+            s.interrupt_status
+        )));
+    }
+    Ok(())
+}
+
+impl MmioTransport {
+    /// The guest memory the transport (and its device) works on.
+    pub fn mem(&self) -> &Arc<GuestMemoryMmap> {
+        &self.mem
+    }
+
+    /// Saves the transport for live migration: the registers (status, feature selects and
+    /// accepted features, `QueueSel`, every queue's configuration with the ring addresses as
+    /// written, `InterruptStatus`) and the device's state ([`Vrdma::save`]), in a versioned,
+    /// checksummed envelope ([`STATE_HEADER_LEN`]).
+    ///
+    /// The device must be stopped ([`Vrdma::stop`]) and the vCPUs paused. Nothing changes, so
+    /// an aborted migration just resumes the device.
+    pub fn save_state(&self) -> Result<Vec<u8>, TransportMigrationError> {
+        let st = self.lock();
+        let device = self.device.save()?;
+        let snap = TransportSnapshot {
+            status: st.status,
+            device_features_sel: st.device_features_sel,
+            driver_features_sel: st.driver_features_sel,
+            driver_features: st.driver_features,
+            queue_sel: st.queue_sel,
+            queues: st
+                .queues
+                .iter()
+                .map(|q| q.as_ref().map(QueueSlotSnapshot::save))
+                .collect(),
+            interrupt_status: self.interrupt_status(),
+            device,
+        };
+        Ok(encode_state(&snap))
+    }
+
+    /// Rebuilds a transport from [`MmioTransport::save_state`]'s blob over `mem` (the copy of
+    /// the source's guest memory), signalling `irq_evt` on interrupts. The device is restored
+    /// with [`Vrdma::restore`]: it is Stopped and not yet on the fabric until
+    /// `device().resume()`. A pending `InterruptStatus` is re-asserted on `irq_evt` (a spurious
+    /// interrupt is harmless; a lost one is not).
+    ///
+    /// The blob is untrusted: every register is checked against the others, the device and
+    /// guest memory; a bad blob is an error, never a panic, and builds nothing.
+    pub fn restore(
+        fabric: &Arc<SoftFabric>,
+        mem: Arc<GuestMemoryMmap>,
+        irq_evt: EventFd,
+        blob: &[u8],
+    ) -> Result<MmioTransport, TransportMigrationError> {
+        let snap = decode_state(blob)?;
+        let status = snap.status;
+        let interrupt_status = Arc::new(AtomicU32::new(snap.interrupt_status));
+        let interrupt = Arc::new(MmioInterrupt {
+            status: interrupt_status.clone(),
+            evt: irq_evt,
+        });
+        let irq: Arc<dyn Interrupt> = interrupt.clone();
+        // The registers among themselves first, then the device (which validates its own
+        // blob), then the registers against the device.
+        check_registers(&snap, vrdma_device::device::AVAIL_FEATURES)?;
+        let live = status & S_DRIVER_OK != 0 && status & S_NEEDS_RESET == 0;
+        let device = Vrdma::restore(fabric, mem.clone(), irq, &snap.device)?;
+        if device.acked_features() != snap.driver_features & device.avail_features() {
+            return Err(invalid(
+                "the device's accepted features differ from DriverFeatures",
+            ));
+        }
+        if device.is_active() != live {
+            return Err(invalid(format!(
+                "status {status:#x} but the device is {}active",
+                if device.is_active() { "" } else { "not " }
+            )));
+        }
+        let max_sizes = device.queue_max_sizes();
+        if snap.queues.len() != max_sizes.len() {
+            return Err(invalid(format!(
+                "{} queues (the device has {})",
+                snap.queues.len(),
+                max_sizes.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(max_sizes.len());
+        for (i, (q, &max)) in snap.queues.into_iter().zip(max_sizes.iter()).enumerate() {
+            // Queue::new(max) is what MmioTransport::new used: the slot exists iff it succeeds.
+            let exists = Queue::new(max).is_ok();
+            let slot = match (q, exists) {
+                (Some(q), true) => q.restore(i, max)?,
+                (None, false) => {
+                    queues.push(None);
+                    continue;
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "queue {i}: presence differs from the device"
+                    )))
+                }
+            };
+            if live {
+                // What activation checked must still hold (the device has its own copy).
+                slot.to_queue(i, false)
+                    .map_err(|e| invalid(e.to_string()))?;
+                if !slot.queue.is_valid(mem.as_ref()) {
+                    return Err(invalid(format!("queue {i}: rings outside guest memory")));
+                }
+            }
+            queues.push(Some(slot));
+        }
+        if snap.interrupt_status != 0 {
+            if let Err(e) = interrupt.evt.write(1) {
+                warn!(error = %e, "failed to re-assert the interrupt after restore");
+            }
+        }
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt_status,
+            interrupt,
+            state: Mutex::new(State {
+                status,
+                device_features_sel: snap.device_features_sel,
+                driver_features_sel: snap.driver_features_sel,
+                driver_features: snap.driver_features,
+                queue_sel: snap.queue_sel,
+                queues,
+            }),
+        })
     }
 }
 
@@ -1312,6 +1675,352 @@ mod tests {
                     status & S_DRIVER_OK != 0 && status & S_NEEDS_RESET == 0
                 );
             }
+        }
+    }
+
+    // ---- live migration ------------------------------------------------------------------
+
+    /// `VRDMA_F_UD` (bit 0): an optional feature the device offers.
+    const F_UD: u64 = 1;
+
+    fn new_evt() -> EventFd {
+        EventFd::new(EFD_NONBLOCK).unwrap()
+    }
+
+    /// A copy of `src` with the same layout (what the VMM transfers).
+    fn copy_mem(src: &GuestMemoryMmap) -> Arc<GuestMemoryMmap> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let ranges: Vec<_> = src
+            .iter()
+            .map(|r| (r.start_addr(), r.len() as usize))
+            .collect();
+        let dst = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        vrdma_device::dirty::copy_all(src, &dst);
+        Arc::new(dst)
+    }
+
+    /// Stops the guest's device and saves its transport.
+    fn stop_and_save(g: &Guest) -> Vec<u8> {
+        g.dev().quiesce().unwrap();
+        g.dev().stop().unwrap();
+        g.t.save_state().unwrap()
+    }
+
+    fn restore(g: &Guest, blob: &[u8]) -> Result<MmioTransport, TransportMigrationError> {
+        MmioTransport::restore(&g._fabric, copy_mem(&g.t.mem), new_evt(), blob)
+    }
+
+    /// The transport registers as the snapshot sees them (device blob excluded).
+    fn registers(t: &MmioTransport) -> TransportSnapshot {
+        let st = t.lock();
+        TransportSnapshot {
+            status: st.status,
+            device_features_sel: st.device_features_sel,
+            driver_features_sel: st.driver_features_sel,
+            driver_features: st.driver_features,
+            queue_sel: st.queue_sel,
+            queues: st
+                .queues
+                .iter()
+                .map(|q| q.as_ref().map(QueueSlotSnapshot::save))
+                .collect(),
+            interrupt_status: t.interrupt_status(),
+            device: Vec::new(),
+        }
+    }
+
+    /// Re-encodes a modified snapshot (valid envelope and checksum).
+    fn reencode(blob: &[u8], f: impl FnOnce(&mut TransportSnapshot)) -> Vec<u8> {
+        let mut snap = decode_state(blob).unwrap();
+        f(&mut snap);
+        encode_state(&snap)
+    }
+
+    #[test]
+    fn migration_round_trip_mid_negotiation() {
+        let g = Guest::new();
+        g.w32(regs::STATUS, S_ACKNOWLEDGE);
+        g.w32(regs::STATUS, S_ACKNOWLEDGE | S_DRIVER);
+        g.set_features(F_VERSION_1 | F_UD);
+        g.w32(regs::DEVICE_FEATURES_SEL, 1);
+        g.setup_queue(0, 64);
+        g.w32(regs::QUEUE_SEL, 1);
+        g.w32(regs::QUEUE_NUM, 32);
+        // A misaligned address as written (the queue keeps its previous, aligned value).
+        g.w32(regs::QUEUE_DESC_LOW, 0x1_0008);
+        let before = registers(&g.t);
+        let blob = stop_and_save(&g);
+        assert_eq!(&blob[..8], &STATE_MAGIC);
+        let t = restore(&g, &blob).unwrap();
+        assert_eq!(registers(&t), before);
+        assert_eq!(t.device().acked_features(), g.dev().acked_features());
+        assert!(!t.device().is_active());
+        t.device().resume().unwrap();
+        assert_eq!(
+            g.dev().migration_state(),
+            vrdma_device::MigrationState::MigratedAway
+        );
+        // The destination's driver finishes the bring-up where the source's left off.
+        let g2 = Guest {
+            t,
+            _fabric: g._fabric.clone(),
+        };
+        assert_eq!(g2.r32(regs::QUEUE_NUM_MAX), 256);
+        g2.setup_queue(1, 256);
+        g2.w32(regs::STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        assert_ne!(g2.r32(regs::STATUS) & S_FEATURES_OK, 0);
+        assert_eq!(g2.driver_ok() & S_NEEDS_RESET, 0);
+        assert!(g2.dev().is_active());
+        assert_eq!(g2.queue_size(0), 64);
+    }
+
+    #[test]
+    fn migration_round_trip_active_with_pending_interrupt() {
+        let g = Guest::new();
+        g.bring_up();
+        g.w32(regs::QUEUE_SEL, 1);
+        g.w32(regs::DRIVER_FEATURES_SEL, 1);
+        g.t.interrupt.trigger(InterruptKind::Queue(1)).unwrap();
+        assert_eq!(g.t.irq_evt().read().unwrap(), 1);
+        let before = registers(&g.t);
+        let blob = stop_and_save(&g);
+        let t = restore(&g, &blob).unwrap();
+        assert_eq!(registers(&t), before);
+        assert_eq!(t.interrupt_status(), INT_VRING);
+        // The pending interrupt is re-asserted on the new line.
+        assert_eq!(t.irq_evt().read().unwrap(), 1);
+        assert!(t.device().is_active());
+        assert_eq!(
+            t.device().migration_state(),
+            vrdma_device::MigrationState::Stopped
+        );
+        t.device().resume().unwrap();
+        assert_eq!(
+            t.device().migration_state(),
+            vrdma_device::MigrationState::Running
+        );
+        let g2 = Guest {
+            t,
+            _fabric: g._fabric.clone(),
+        };
+        g2.w32(regs::INTERRUPT_ACK, INT_VRING);
+        assert_eq!(g2.r32(regs::INTERRUPT_STATUS), 0);
+        g2.w32(regs::QUEUE_NOTIFY, 0);
+        g2.w32(regs::QUEUE_NOTIFY, 1);
+        assert_eq!(
+            g2.r32(regs::STATUS),
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
+        );
+        // The source is gone for good.
+        assert!(matches!(
+            g.t.save_state(),
+            Err(TransportMigrationError::Device(
+                MigrationError::WrongState { .. }
+            ))
+        ));
+        assert!(g.dev().resume().is_err());
+    }
+
+    #[test]
+    fn save_requires_a_stopped_device() {
+        let g = Guest::new();
+        g.bring_up();
+        let running = vrdma_device::MigrationState::Running;
+        assert_eq!(
+            g.t.save_state(),
+            Err(TransportMigrationError::Device(
+                MigrationError::WrongState {
+                    op: "save",
+                    state: running
+                }
+            ))
+        );
+        g.dev().quiesce().unwrap();
+        assert!(g.t.save_state().is_err());
+        g.dev().stop().unwrap();
+        assert!(g.t.save_state().is_ok());
+        // Abort: the source resumes and works.
+        g.dev().resume().unwrap();
+        g.w32(regs::QUEUE_NOTIFY, 1);
+        assert!(g.dev().is_active());
+    }
+
+    #[test]
+    fn damaged_blobs_are_refused() {
+        use TransportMigrationError as E;
+        let g = Guest::new();
+        g.bring_up();
+        let blob = stop_and_save(&g);
+        for cut in 0..blob.len() {
+            assert!(restore(&g, &blob[..cut]).is_err(), "truncated at {cut}");
+        }
+        assert_eq!(restore(&g, &blob[..20]).err(), Some(E::Truncated("header")));
+        assert_eq!(
+            restore(&g, &blob[..blob.len() - 1]).err(),
+            Some(E::Truncated("body"))
+        );
+        assert_eq!(restore(&g, b"nonsense").err(), Some(E::BadMagic));
+        let mut bad = blob.clone();
+        bad[3] ^= 0x20;
+        assert_eq!(restore(&g, &bad).err(), Some(E::BadMagic));
+        let mut bad = blob.clone();
+        bad[8] = 2;
+        assert_eq!(restore(&g, &bad).err(), Some(E::UnsupportedVersion(2)));
+        let mut bad = blob.clone();
+        bad[12] = 1;
+        assert!(matches!(restore(&g, &bad), Err(E::Invalid(_))));
+        for at in [STATE_HEADER_LEN, STATE_HEADER_LEN + 40, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[at] ^= 0x01;
+            assert_eq!(restore(&g, &bad).err(), Some(E::Checksum), "byte {at}");
+        }
+        let mut long = blob.clone();
+        long.push(0);
+        assert!(matches!(restore(&g, &long), Err(E::Invalid(_))));
+        // The source is untouched: it resumes.
+        g.dev().resume().unwrap();
+        assert!(g.dev().is_active());
+    }
+
+    #[test]
+    fn inconsistent_registers_are_refused() {
+        use TransportMigrationError as E;
+        let g = Guest::new();
+        g.bring_up();
+        let blob = stop_and_save(&g);
+        let idle = {
+            let g = Guest::new();
+            stop_and_save(&g)
+        };
+        let idle_device = decode_state(&idle).unwrap().device;
+        type Edit = Box<dyn Fn(&mut TransportSnapshot)>;
+        let cases: Vec<(&str, Edit)> = vec![
+            ("unknown status bit", Box::new(|s| s.status |= 0x10)),
+            (
+                "DRIVER_OK without FEATURES_OK",
+                Box::new(|s| s.status = S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK),
+            ),
+            (
+                "not live but the device is active",
+                Box::new(|s| s.status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK),
+            ),
+            (
+                "needs reset but the device is active",
+                Box::new(|s| s.status |= S_NEEDS_RESET),
+            ),
+            (
+                "live but the device never activated",
+                Box::new(move |s| s.device = idle_device.clone()),
+            ),
+            (
+                "features differ from the device's",
+                Box::new(|s| s.driver_features &= !F_UD),
+            ),
+            (
+                "features not offered",
+                Box::new(|s| s.driver_features |= 1 << 23),
+            ),
+            (
+                "interrupt status bits",
+                Box::new(|s| s.interrupt_status = 4),
+            ),
+            (
+                "a queue missing",
+                Box::new(|s| {
+                    s.queues.pop();
+                }),
+            ),
+            ("a queue too many", Box::new(|s| s.queues.push(None))),
+            ("a queue absent", Box::new(|s| s.queues[0] = None)),
+            (
+                "bad queue size",
+                Box::new(|s| s.queues[0].as_mut().unwrap().size = 3),
+            ),
+            (
+                "bad maximum size",
+                Box::new(|s| s.queues[0].as_mut().unwrap().max_size = 128),
+            ),
+            (
+                "misaligned descriptor table",
+                Box::new(|s| s.queues[1].as_mut().unwrap().desc_table += 8),
+            ),
+            (
+                "live queue written misaligned",
+                Box::new(|s| s.queues[1].as_mut().unwrap().raw_desc += 8),
+            ),
+            (
+                "live queue not ready",
+                Box::new(|s| s.queues[1].as_mut().unwrap().ready = false),
+            ),
+            (
+                "live queue outside guest memory",
+                Box::new(|s| {
+                    let q = s.queues[0].as_mut().unwrap();
+                    q.used_ring = 0xffff_0000_0000;
+                    q.raw_device = 0xffff_0000_0000;
+                }),
+            ),
+        ];
+        for (what, edit) in cases {
+            let bad = reencode(&blob, edit);
+            match restore(&g, &bad) {
+                Err(E::Invalid(_)) => {}
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        let garbage = reencode(&blob, |s| s.device = b"VRDMAMIG".to_vec());
+        assert!(matches!(
+            restore(&g, &garbage),
+            Err(E::Device(MigrationError::Truncated(_)))
+        ));
+        let garbage = reencode(&blob, |s| s.device.clear());
+        assert!(matches!(restore(&g, &garbage), Err(E::Device(_))));
+        // Unmodified, it restores (and is dropped without taking over).
+        assert!(restore(&g, &blob).is_ok());
+        g.dev().resume().unwrap();
+        assert!(g.dev().is_active());
+    }
+
+    #[test]
+    fn restore_into_a_smaller_memory_fails() {
+        let g = Guest::new();
+        g.bring_up();
+        let blob = stop_and_save(&g);
+        let small = Arc::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), QUEUE_BASE as usize)]).unwrap(),
+        );
+        let r = MmioTransport::restore(&g._fabric, small, new_evt(), &blob);
+        assert!(
+            matches!(
+                r,
+                Err(TransportMigrationError::Device(MigrationError::Invalid(_)))
+            ),
+            "{r:?}"
+        );
+        g.dev().resume().unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Corrupted bodies with a valid checksum: an error or a (never resumed) device, never a
+        /// panic.
+        #[test]
+        fn mutated_bodies_never_panic(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let g = Guest::new();
+            g.bring_up();
+            let mut blob = stop_and_save(&g);
+            let body_len = blob.len() - STATE_HEADER_LEN;
+            for (at, v) in edits {
+                blob[STATE_HEADER_LEN + at.index(body_len)] = v;
+            }
+            let crc = crc32fast::hash(&blob[STATE_HEADER_LEN..]);
+            blob[24..28].copy_from_slice(&crc.to_le_bytes());
+            let _ = restore(&g, &blob);
+            g.dev().resume().unwrap();
+            prop_assert!(g.dev().is_active());
         }
     }
 }

@@ -8,12 +8,14 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub mod fabric_path;
+pub mod migrate_bench;
 pub mod perf;
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::{DeviceConfig, GuestMemoryMmap, Vrdma};
@@ -111,5 +113,263 @@ impl Vm {
     /// The guest's MMIO port, for the driver.
     pub fn port(&self) -> MmioPort {
         MmioPort::new(self.transport.clone()).expect("mmio port")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live migration: what a VMM does (docs/migration.md, "The steps a VMM follows")
+// ---------------------------------------------------------------------------------------------
+
+/// Timings and sizes of one migration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrateTimes {
+    /// Pre-copy rounds while the guest ran (after the first full copy); 0 for stop-and-copy.
+    pub rounds: u32,
+    /// Bytes of guest memory copied while the guest ran (pre-copy only).
+    pub precopy_bytes: u64,
+    /// Bytes of guest memory copied while the device was stopped.
+    pub stopped_copy_bytes: u64,
+    /// Work requests still in flight when the device was stopped.
+    pub outstanding_at_stop: usize,
+    /// `MmioTransport::save_state`.
+    pub save_us: u64,
+    /// `MmioTransport::restore`.
+    pub restore_us: u64,
+    /// From `stop()` to the destination's `resume()` returning.
+    pub downtime_us: u64,
+    /// Size of the transport state blob (device blob included).
+    pub state_bytes: usize,
+}
+
+/// Knobs of [`Vm::migrate_with`] and [`Precopy::stop_and_copy`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// After `quiesce()`, wait up to this long for `outstanding()` to reach 0 before `stop()`.
+    pub quiesce_wait: Duration,
+}
+
+/// An empty guest memory with the same regions as `mem`.
+pub fn memory_like(mem: &GuestMemoryMmap) -> GuestMemoryMmap {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let ranges: Vec<(GuestAddress, usize)> = mem
+        .iter()
+        .map(|r| (r.start_addr(), r.len() as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).expect("guest memory")
+}
+
+/// Guest-physical addresses of the 4 KiB pages whose contents differ between `a` and `b`
+/// (which must have the same layout).
+pub fn differing_pages(a: &GuestMemoryMmap, b: &GuestMemoryMmap) -> Vec<u64> {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let mut out = Vec::new();
+    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for r in a.iter() {
+        let (start, end) = (r.start_addr().0, r.start_addr().0 + r.len());
+        let mut gpa = start;
+        while gpa < end {
+            let n = (end - gpa).min(4096) as usize;
+            let ra = a.read_slice(&mut pa[..n], GuestAddress(gpa));
+            let rb = b.read_slice(&mut pb[..n], GuestAddress(gpa));
+            if ra.is_err() || rb.is_err() || pa[..n] != pb[..n] {
+                out.push(gpa);
+            }
+            gpa += n as u64;
+        }
+    }
+    out
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros().min(u64::MAX as u128) as u64
+}
+
+impl Vm {
+    /// A guest with `ram` bytes of memory (one region at 0) and a device with GID
+    /// `gid_for_id(id)` on `fabric`. Migration tests use small guests: every migration copies
+    /// all of guest memory.
+    pub fn with_ram(fabric: &Arc<SoftFabric>, id: u32, ram: u64) -> Self {
+        let mem = Arc::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), ram as usize)]).expect("guest memory"),
+        );
+        let device = Vrdma::new(DeviceConfig::with_gid(DeviceConfig::gid_for_id(id)), fabric)
+            .expect("device");
+        let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let transport = Arc::new(MmioTransport::new(device.clone(), mem.clone(), irq));
+        Self {
+            mem,
+            device,
+            transport,
+        }
+    }
+
+    /// Stop-and-copy live migration with default options: see [`Vm::migrate_with`].
+    pub fn migrate(&self, fabric: &Arc<SoftFabric>) -> Result<(Vm, MigrateTimes), String> {
+        self.migrate_with(fabric, &MigrateOptions::default())
+    }
+
+    /// Migrates this VM to a new one on the same fabric, as a VMM does: `quiesce`, (wait for
+    /// in-flight work), `stop`, copy all guest memory into a new memory of the same layout,
+    /// `save_state`, `MmioTransport::restore` on the copy, `resume` (the destination takes over
+    /// the GID). The caller plays the vCPUs: nothing may use the guest driver from the `stop`
+    /// until it was rebound to the returned VM ([`vrdma_guest::Driver::rebind`]). A device the
+    /// caller already stopped is migrated as it is.
+    ///
+    /// On an error after the stop the migration is aborted: the source device resumes.
+    pub fn migrate_with(
+        &self,
+        fabric: &Arc<SoftFabric>,
+        opts: &MigrateOptions,
+    ) -> Result<(Vm, MigrateTimes), String> {
+        let dst = Arc::new(memory_like(&self.mem));
+        let mut times = MigrateTimes::default();
+        let stopped = self.quiesce_and_stop(opts, &mut times)?;
+        times.stopped_copy_bytes = vrdma_device::dirty::copy_all(&self.mem, &dst);
+        self.finish_migration(fabric, dst, stopped, times)
+    }
+
+    /// Starts a pre-copy migration: clears the dirty log and copies all of guest memory while
+    /// the guest keeps running. Continue with [`Precopy::round`] and
+    /// [`Precopy::stop_and_copy`], then [`Precopy::finish`].
+    pub fn precopy(&self) -> Precopy<'_> {
+        let dst = Arc::new(memory_like(&self.mem));
+        vrdma_device::dirty::start(&self.mem);
+        let bytes = vrdma_device::dirty::copy_all(&self.mem, &dst);
+        Precopy {
+            src: self,
+            dst,
+            times: MigrateTimes {
+                precopy_bytes: bytes,
+                ..Default::default()
+            },
+            stopped: None,
+        }
+    }
+
+    /// Aborts a migration after `quiesce`/`stop`/`save`: the source device simply resumes.
+    pub fn abort_migration(&self) -> Result<(), String> {
+        self.device.resume().map_err(|e| e.to_string())
+    }
+
+    fn quiesce_and_stop(
+        &self,
+        opts: &MigrateOptions,
+        times: &mut MigrateTimes,
+    ) -> Result<Instant, String> {
+        if self.device.migration_state() == vrdma_device::MigrationState::Stopped {
+            // Already stopped by the caller (downtime is then counted from here).
+            times.outstanding_at_stop = self.device.outstanding();
+            return Ok(Instant::now());
+        }
+        self.device.quiesce().map_err(|e| format!("quiesce: {e}"))?;
+        let deadline = Instant::now() + opts.quiesce_wait;
+        while self.device.outstanding() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let stopped = Instant::now();
+        if let Err(e) = self.device.stop() {
+            let _ = self.device.resume();
+            return Err(format!("stop: {e}"));
+        }
+        times.outstanding_at_stop = self.device.outstanding();
+        Ok(stopped)
+    }
+
+    /// Save, restore on `dst`, resume the destination; aborts (resumes the source) on errors.
+    fn finish_migration(
+        &self,
+        fabric: &Arc<SoftFabric>,
+        dst: Arc<GuestMemoryMmap>,
+        stopped: Instant,
+        mut times: MigrateTimes,
+    ) -> Result<(Vm, MigrateTimes), String> {
+        let abort = |what: String| {
+            let _ = self.device.resume();
+            Err(what)
+        };
+        let t = Instant::now();
+        let blob = match self.transport.save_state() {
+            Ok(b) => b,
+            Err(e) => return abort(format!("save: {e}")),
+        };
+        times.save_us = us(t.elapsed());
+        times.state_bytes = blob.len();
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let transport = match MmioTransport::restore(fabric, dst.clone(), irq, &blob) {
+            Ok(t) => Arc::new(t),
+            Err(e) => return abort(format!("restore: {e}")),
+        };
+        times.restore_us = us(t.elapsed());
+        let device = transport.device().clone();
+        if let Err(e) = device.resume() {
+            return abort(format!("resume: {e}"));
+        }
+        times.downtime_us = us(stopped.elapsed());
+        Ok((
+            Vm {
+                mem: dst,
+                device,
+                transport,
+            },
+            times,
+        ))
+    }
+}
+
+/// A pre-copy migration in progress ([`Vm::precopy`]): the destination memory is filled while
+/// the guest runs, then the last dirty pages are copied with the device stopped.
+pub struct Precopy<'a> {
+    src: &'a Vm,
+    dst: Arc<GuestMemoryMmap>,
+    times: MigrateTimes,
+    stopped: Option<Instant>,
+}
+
+impl Precopy<'_> {
+    /// One round while the guest runs: takes the dirty log and copies those pages. Returns
+    /// the number of pages copied.
+    pub fn round(&mut self) -> u64 {
+        let log = vrdma_device::dirty::take(&self.src.mem);
+        let n = vrdma_device::dirty::copy_pages(&self.src.mem, &self.dst, &log);
+        self.times.rounds += 1;
+        self.times.precopy_bytes += n * 4096;
+        n
+    }
+
+    /// The caller paused its vCPUs: quiesce, stop, and copy the pages dirtied since the last
+    /// round. Returns the number of pages copied. Afterwards the destination memory equals the
+    /// source's (which nothing writes any more).
+    pub fn stop_and_copy(&mut self, opts: &MigrateOptions) -> Result<u64, String> {
+        let stopped = self.src.quiesce_and_stop(opts, &mut self.times)?;
+        self.stopped = Some(stopped);
+        let log = vrdma_device::dirty::take(&self.src.mem);
+        let n = vrdma_device::dirty::copy_pages(&self.src.mem, &self.dst, &log);
+        self.times.stopped_copy_bytes = n * 4096;
+        Ok(n)
+    }
+
+    /// The destination's guest memory.
+    pub fn dst_mem(&self) -> &Arc<GuestMemoryMmap> {
+        &self.dst
+    }
+
+    /// Saves, restores on the destination memory and resumes there (after
+    /// [`Precopy::stop_and_copy`]). On an error the source resumes.
+    pub fn finish(self, fabric: &Arc<SoftFabric>) -> Result<(Vm, MigrateTimes), String> {
+        let Some(stopped) = self.stopped else {
+            return Err("finish before stop_and_copy".into());
+        };
+        self.src
+            .finish_migration(fabric, self.dst, stopped, self.times)
+    }
+
+    /// Gives up: the source resumes (if it was stopped) and the destination memory is dropped.
+    pub fn abort(self) -> Result<(), String> {
+        if self.stopped.is_some() {
+            self.src.abort_migration()
+        } else {
+            Ok(())
+        }
     }
 }

@@ -13,6 +13,7 @@
 #[cfg(target_endian = "big")]
 compile_error!("the vrdma ABI is little-endian; big-endian hosts are not supported");
 
+use serde::{Deserialize, Serialize};
 use vm_memory::ByteValued;
 
 /// Virtio device ID reserved for RDMA devices.
@@ -288,7 +289,9 @@ pub struct CmdQueryGid {
 
 /// A 128-bit GID (network byte order, as on the wire).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Gid {
     /// The raw GID.
     pub raw: [u8; 16],
@@ -406,7 +409,7 @@ pub struct RespCreateQp {
 
 /// Address vector: where a QP (RC) or a datagram (UD) goes.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AhAttr {
     /// Destination GID.
     pub dgid: Gid,
@@ -440,7 +443,7 @@ pub struct CmdCreateAh {
 
 /// QP attributes, for [`CMD_MODIFY_QP`] (selected by a mask) and [`CMD_QUERY_QP`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QpAttr {
     /// `QPS_*` state.
     pub qp_state: u32,
@@ -879,7 +882,7 @@ pub const VENDOR_ERR_RING_OVERRUN: u32 = 4;
 
 /// One event, written by the device into a driver-supplied event-queue buffer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// `EV_*` kind.
     pub kind: u32,

@@ -900,6 +900,13 @@ impl SoftBackend {
                 if qp.sent == 0 {
                     continue;
                 }
+                // The peer is stopped for migration: wait for it instead of spending a retry.
+                if self.port.fabric().is_paused(&qp.info.dest_gid) {
+                    if let Some(us) = ack_timeout_us(qp.info.timeout) {
+                        qp.deadline = Some(now + Duration::from_micros(us));
+                    }
+                    continue;
+                }
                 if qp.retry_left == 0 {
                     self.fail_head(ops, qpn, abi::WC_RETRY_EXC_ERR, 0);
                     continue;
@@ -1142,5 +1149,255 @@ impl Backend for SoftBackend {
 
     fn outstanding(&self, qpn: u32) -> usize {
         self.qps.get(&qpn).map_or(0, |q| q.ops.len())
+    }
+}
+
+/// A saved requester operation (see [`BackendSnapshot`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ReqOpSnapshot {
+    wr: SendWr,
+    psn: u32,
+    npsn: u32,
+    sent: bool,
+}
+
+/// The saved transport state of one QP: requester (PSNs, operations in flight with their
+/// sequence numbers, retry budgets, whether a timer was armed) and responder (expected PSN,
+/// MSN, the saved results of recent atomics that make duplicates replay instead of re-execute).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SoftQpSnapshot {
+    info: QpInfo,
+    next_psn: u32,
+    ops: Vec<ReqOpSnapshot>,
+    retry_left: u8,
+    rnr_left: u8,
+    timer_armed: bool,
+    rnr_wait: bool,
+    epsn: u32,
+    msn: u32,
+    atomic_replay: Vec<(u32, u64)>,
+}
+
+/// The saved state of a [`SoftBackend`]. Packets in flight are not part of it: inbound ones
+/// stay held in the fabric (the port's inbox) and follow the device to its new port; outbound
+/// ones were already delivered to the peers' inboxes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct BackendSnapshot {
+    qps: Vec<SoftQpSnapshot>,
+}
+
+/// What [`SoftBackend::restore`] checks each saved QP against: the core's view of it.
+pub(crate) struct QpLimits {
+    /// The QP's attributes as the restored core holds them.
+    pub info: QpInfo,
+    /// Send queue depth: the most operations the backend may hold.
+    pub sq_depth: u32,
+    /// The QP's maximum inline size.
+    pub max_inline: u32,
+}
+
+impl SoftBackend {
+    /// Sends the coalesced ACKs still pending, so that a stopped device owes its peers nothing.
+    pub(crate) fn flush_pending_acks(&mut self) {
+        self.flush_acks();
+    }
+
+    /// Whether the backend knows the QP.
+    pub(crate) fn has_qp(&self, qpn: u32) -> bool {
+        self.qps.get(&qpn).is_some()
+    }
+
+    /// Operations held over all QPs.
+    pub(crate) fn total_outstanding(&self) -> usize {
+        self.qps.slots.iter().flatten().map(|q| q.ops.len()).sum()
+    }
+
+    /// Saves the transport state. Coalesced ACKs must have been flushed.
+    pub(crate) fn save(&self) -> BackendSnapshot {
+        let qps = self
+            .qps
+            .slots
+            .iter()
+            .flatten()
+            .map(|q| SoftQpSnapshot {
+                info: q.info,
+                next_psn: q.next_psn,
+                ops: q
+                    .ops
+                    .iter()
+                    .map(|o| ReqOpSnapshot {
+                        wr: o.wr.clone(),
+                        psn: o.psn,
+                        npsn: o.npsn,
+                        sent: o.sent,
+                    })
+                    .collect(),
+                retry_left: q.retry_left,
+                rnr_left: q.rnr_left,
+                timer_armed: q.deadline.is_some(),
+                rnr_wait: q.rnr_wait,
+                epsn: q.epsn,
+                msn: q.msn,
+                atomic_replay: q.atomic_replay.iter().copied().collect(),
+            })
+            .collect();
+        BackendSnapshot { qps }
+    }
+
+    /// Rebuilds a backend from a snapshot. Every value is checked as if a guest had written it:
+    /// `limits` gives, for a QPN, the restored core's view of the QP (`None`: no such QP).
+    /// Timers are not armed here; [`SoftBackend::restart_timers`] does that on resume.
+    pub(crate) fn restore(
+        port: Arc<Port>,
+        mem: Option<&crate::GuestMemoryMmap>,
+        snap: BackendSnapshot,
+        limits: &dyn Fn(u32) -> Option<QpLimits>,
+    ) -> Result<Self, String> {
+        let mut b = Self::new(port);
+        for s in snap.qps {
+            let qpn = s.info.qpn;
+            let lim = limits(qpn).ok_or_else(|| format!("backend QP {qpn:#x} has no core QP"))?;
+            if s.info != lim.info {
+                return Err(format!("QP {qpn:#x}: backend and core attributes differ"));
+            }
+            if b.qps.get(&qpn).is_some() {
+                return Err(format!("QP {qpn:#x} saved twice"));
+            }
+            let psn_ok = |p: u32| p <= psn::MASK;
+            if !psn_ok(s.next_psn) || !psn_ok(s.epsn) || s.msn > psn::MASK {
+                return Err(format!("QP {qpn:#x}: PSN out of range"));
+            }
+            if s.ops.len() > lim.sq_depth as usize {
+                return Err(format!("QP {qpn:#x}: more operations than SQ slots"));
+            }
+            if s.atomic_replay.len() > ATOMIC_REPLAY {
+                return Err(format!("QP {qpn:#x}: atomic replay log too long"));
+            }
+            if s.info.retry_cnt < s.retry_left || s.rnr_left > s.info.rnr_retry.max(7) {
+                return Err(format!("QP {qpn:#x}: retry budget out of range"));
+            }
+            let mut qp = SoftQp::new(s.info);
+            qp.next_psn = s.next_psn;
+            qp.retry_left = s.retry_left;
+            qp.rnr_left = s.rnr_left;
+            qp.rnr_wait = s.rnr_wait;
+            qp.epsn = s.epsn;
+            qp.msn = s.msn;
+            qp.atomic_replay = s.atomic_replay.into_iter().collect();
+            let mut expect_psn = s.ops.first().map(|o| o.psn);
+            let mut unsent_seen = false;
+            for o in s.ops {
+                let wr = &o.wr;
+                let npsn = if wr.error.is_some() {
+                    0
+                } else if matches!(
+                    wr.opcode,
+                    abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD
+                ) {
+                    1
+                } else {
+                    qp.npsn(wr.len)
+                };
+                let bad = |what: &str| Err(format!("QP {qpn:#x}: operation {}: {what}", wr.wr_id));
+                if s.info.qp_type != abi::QPT_RC {
+                    return bad("only RC QPs hold operations");
+                }
+                if o.npsn != npsn || Some(o.psn) != expect_psn || !psn_ok(o.psn) {
+                    return bad("inconsistent PSNs");
+                }
+                expect_psn = Some(psn::add(o.psn, o.npsn));
+                if o.sent && unsent_seen {
+                    return bad("sent operations must be a prefix");
+                }
+                unsent_seen |= !o.sent;
+                if wr.len > crate::state::MAX_MSG {
+                    return bad("message too long");
+                }
+                match &wr.inline {
+                    Some(data)
+                        if data.len() as u64 != wr.len
+                            || data.len() as u64 > lim.max_inline as u64 =>
+                    {
+                        return bad("bad inline data");
+                    }
+                    Some(_) => {}
+                    None if wr.error.is_none() => {
+                        let Some(mem) = mem else {
+                            return bad("no guest memory");
+                        };
+                        if !wr
+                            .local
+                            .iter()
+                            .all(|g| mr::in_one_region(mem, g.gpa, g.len))
+                        {
+                            return bad("segment outside guest memory");
+                        }
+                        let total = mr::total_len(&wr.local);
+                        let want = match wr.opcode {
+                            abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD => 8,
+                            _ => wr.len,
+                        };
+                        if total != want {
+                            return bad("segment lengths do not add up");
+                        }
+                    }
+                    None => {}
+                }
+                qp.ops.push_back(ReqOp {
+                    wr: o.wr,
+                    psn: o.psn,
+                    npsn: o.npsn,
+                    sent: o.sent,
+                });
+                if o.sent {
+                    qp.sent += 1;
+                    qp.rd_out += qp.ops.back().is_some_and(|op| op.is_rd_atomic()) as u32;
+                }
+            }
+            if let Some(e) = expect_psn {
+                if e != qp.next_psn {
+                    return Err(format!(
+                        "QP {qpn:#x}: next PSN does not follow the operations"
+                    ));
+                }
+            }
+            if s.timer_armed || qp.rnr_wait {
+                // Re-armed with a fresh deadline on resume.
+                qp.deadline = Some(Instant::now());
+            }
+            b.qps.insert(qpn, qp);
+        }
+        Ok(b)
+    }
+
+    /// Re-arms the retry and RNR timers of restored QPs with full, fresh deadlines (the time a
+    /// device spent stopped does not count against its peers or itself), and resends nothing:
+    /// operations on the wire are answered to the device's GID wherever it now lives.
+    pub(crate) fn restart_timers(&mut self) {
+        let now = Instant::now();
+        let mut armed = Vec::new();
+        for q in self.qps.slots.iter_mut().flatten() {
+            if q.deadline.is_none() {
+                continue;
+            }
+            // The RNR delay the peer asked for is not saved: retry after the shortest one.
+            let us = if q.rnr_wait {
+                Some(rnr_timer_us(1))
+            } else {
+                ack_timeout_us(q.info.timeout)
+            };
+            q.deadline = us.map(|us| now + Duration::from_micros(us));
+            if q.deadline.is_some() {
+                armed.push(q.info.qpn);
+            }
+        }
+        for qpn in armed {
+            if !self.timed.contains(&qpn) {
+                self.timed.push(qpn);
+            }
+        }
+        self.scheduled = None;
+        self.now = None;
+        self.reschedule();
     }
 }

@@ -1,16 +1,23 @@
 //! `vrdma-perf`: guest-side RDMA benchmarks with perftest semantics, run in-process over the
-//! soft fabric (two guests, the full ABI and device).
+//! soft fabric (two guests, the full ABI and device), with the soft fabric alone
+//! (`path=fabric`) and physical floors measured in the same run.
 //!
 //! ```text
-//! vrdma-perf write-lat [-s BYTES | -a] [-n ITERS] [--inline] [--json]
+//! vrdma-perf write-lat  [-s BYTES | -a] [-n ITERS] [--inline] [--completion poll|interrupt] [--json]
+//! vrdma-perf send-lat   [-s BYTES | -a] [-n ITERS] [--inline] [--json]
+//! vrdma-perf read-lat   [-s BYTES | -a] [-n ITERS] [--json]
+//! vrdma-perf atomic-lat [-n ITERS] [--cmp-swap] [--json]
+//! vrdma-perf write-bw   [-s BYTES] [--qps LIST] [--batch LIST] [-n MSGS] [--json]
+//! vrdma-perf idle       [--secs S] [--json]
 //! ```
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vrdma_tests::perf::{
-    idle_cpu, memcpy_bw, write_bw_device, write_lat_device, write_lat_device_interrupt,
-    write_lat_eventfd, write_lat_shm, LatStats,
+    atomic_lat_device, idle_cpu, memcpy_bw, read_lat_device, send_lat_device, write_bw_device,
+    write_bw_fabric, write_lat_device, write_lat_device_interrupt, write_lat_eventfd,
+    write_lat_fabric, write_lat_shm, BwStats, LatStats,
 };
 
 #[derive(Parser)]
@@ -44,6 +51,67 @@ enum Test {
         #[arg(long)]
         json: bool,
     },
+    /// RDMA READ latency, ib_read_lat semantics (FULL round trip; t_typical = median).
+    ReadLat {
+        /// Message size in bytes.
+        #[arg(short = 's', long = "size", default_value_t = 2)]
+        size: u64,
+        /// Sweep sizes 2 B … 8 MiB.
+        #[arg(short = 'a', long = "all")]
+        all: bool,
+        /// Iterations.
+        #[arg(short = 'n', long = "iters", default_value_t = 1000)]
+        iters: usize,
+        /// One JSON object per line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// SEND latency, ib_send_lat semantics (ping-pong, receive CQ polled; half round trip).
+    SendLat {
+        /// Message size in bytes.
+        #[arg(short = 's', long = "size", default_value_t = 2)]
+        size: u64,
+        /// Sweep sizes 2 B … 8 MiB.
+        #[arg(short = 'a', long = "all")]
+        all: bool,
+        /// Iterations.
+        #[arg(short = 'n', long = "iters", default_value_t = 1000)]
+        iters: usize,
+        /// Send small messages inline (up to the QP's max inline size).
+        #[arg(long)]
+        inline: bool,
+        /// One JSON object per line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// 8-byte atomic latency, ib_atomic_lat semantics (FULL round trip; FETCH_AND_ADD).
+    AtomicLat {
+        /// Iterations.
+        #[arg(short = 'n', long = "iters", default_value_t = 1000)]
+        iters: usize,
+        /// CMP_AND_SWP instead of FETCH_AND_ADD.
+        #[arg(long)]
+        cmp_swap: bool,
+        /// One JSON object per line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live migration of a guest with `--qps` QPs and `--mrs` extra MRs while its peer keeps
+    /// sending: state size, save/restore times, downtime, and WRs lost/duplicated (must be 0).
+    Migrate {
+        /// Connected QPs.
+        #[arg(long, default_value_t = 1024)]
+        qps: u32,
+        /// Extra memory regions.
+        #[arg(long, default_value_t = 10_000)]
+        mrs: u32,
+        /// Runs (each a fresh pair of guests); one line per run.
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// CPU used by idle devices (after some traffic): should be ~0, nothing spins when idle.
     Idle {
         /// Seconds to stay idle.
@@ -73,6 +141,181 @@ enum Test {
     },
 }
 
+/// Sizes of a run: `size`, or 2 B … 8 MiB with `-a`. Fails for sizes outside 1 ..= 8 MiB.
+fn sizes(size: u64, all: bool) -> Result<Vec<u64>, ExitCode> {
+    if size == 0 || size > 8 << 20 {
+        eprintln!("error: --size must be 1 ..= 8388608");
+        return Err(ExitCode::FAILURE);
+    }
+    Ok(if all {
+        (1..=23).map(|s| 1u64 << s).collect()
+    } else {
+        vec![size]
+    })
+}
+
+/// Prints one latency row (table or JSON).
+fn print_lat(st: &LatStats, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(st).unwrap_or_default());
+    } else {
+        println!("{}", st.row());
+    }
+}
+
+/// Prints one bandwidth row (table or JSON).
+fn print_bw(st: &BwStats, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(st).unwrap_or_default());
+    } else {
+        println!(
+            " {:<8} {:<6} {:<6} {:<10} {:<12.3} {:<10.2} {:<16.1} {}",
+            st.bytes,
+            st.qps,
+            st.batch,
+            st.msgs,
+            st.msg_rate_mpps,
+            st.bw_gbps,
+            st.first_completion_us,
+            st.path
+        );
+    }
+}
+
+fn write_lat(
+    size: u64,
+    all: bool,
+    iters: usize,
+    inline: bool,
+    interrupt: bool,
+    json: bool,
+) -> ExitCode {
+    let sizes = match sizes(size, all) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    if !json {
+        println!("# vrdma-perf write-lat: two in-process guests over the soft fabric");
+        println!("# path=device: guest driver -> virtio-mmio -> device -> soft fabric -> peer guest memory");
+        if interrupt {
+            println!("# path=eventfd: two threads ping-ponging through blocking eventfds (the wake-up floor), same run");
+        } else {
+            println!("# path=fabric: the soft fabric's engine driven directly (no rings, WQEs, CQEs, virtio), same run");
+            println!("# path=shm: two threads ping-ponging one cache line (the floor), same run");
+        }
+        println!("{}", LatStats::header());
+    }
+    let mode = if interrupt { "interrupt" } else { "poll" };
+    for s in sizes {
+        let res = if interrupt {
+            write_lat_device_interrupt(s, iters)
+        } else {
+            write_lat_device(s, iters, inline)
+        };
+        let dev = match res {
+            Ok(r) => LatStats::from_rtts("write_lat", "device", s, mode, &r),
+            Err(e) => {
+                eprintln!("error: write-lat {s} B: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let fabric = if interrupt {
+            None
+        } else {
+            match write_lat_fabric(s, iters, inline) {
+                Ok(r) => Some(LatStats::from_rtts("write_lat", "fabric", s, mode, &r)),
+                Err(e) => {
+                    eprintln!("error: write-lat {s} B, path=fabric: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        };
+        let floor = if interrupt {
+            match write_lat_eventfd(iters) {
+                Ok(r) => LatStats::from_rtts("write_lat", "eventfd", s, mode, &r),
+                Err(e) => {
+                    eprintln!("error: eventfd floor: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            LatStats::from_rtts("write_lat", "shm", s, mode, &write_lat_shm(iters))
+        };
+        for st in [Some(&dev), fabric.as_ref(), Some(&floor)]
+            .into_iter()
+            .flatten()
+        {
+            print_lat(st, json);
+        }
+        if !json {
+            let ratio = |a: &LatStats, b: &LatStats| a.t_typical_us / b.t_typical_us.max(1e-9);
+            print!(
+                "# {s} B: device/{} t_typical ratio {:.2}",
+                floor.path,
+                ratio(&dev, &floor)
+            );
+            if let Some(f) = &fabric {
+                print!(
+                    "; fabric/{} {:.2}; device/fabric {:.2} (device layer +{:.2} usec per half round trip)",
+                    floor.path,
+                    ratio(f, &floor),
+                    ratio(&dev, f),
+                    dev.t_typical_us - f.t_typical_us
+                );
+            }
+            println!();
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn write_bw(size: u64, qps: &[u32], batch: &[u32], iters: u64, json: bool) -> ExitCode {
+    if size == 0 || size > 8 << 20 {
+        eprintln!("error: --size must be 1 ..= 8388608");
+        return ExitCode::FAILURE;
+    }
+    if !json {
+        println!("# vrdma-perf write-bw: one sender thread, two in-process guests");
+        println!("# path=device: guest driver -> virtio-mmio -> device -> soft fabric -> peer guest memory");
+        println!("# path=fabric: the soft fabric's engine driven directly (no rings, WQEs, CQEs, virtio), same run");
+        println!(
+            " {:<8} {:<6} {:<6} {:<10} {:<12} {:<10} {:<16} path",
+            "#bytes", "qps", "batch", "msgs", "rate[Mpps]", "bw[Gb/s]", "first_cqe[usec]"
+        );
+        let mc = memcpy_bw(size as usize, 1 << 30) * 8.0 / 1e9;
+        println!("# single-thread memcpy of {size} B buffers, same run: {mc:.2} Gb/s");
+    }
+    for &n in qps {
+        for &b in batch {
+            let dev = match write_bw_device(size, n, b, iters) {
+                Ok(st) => st,
+                Err(e) => {
+                    eprintln!("error: write-bw {n} QPs batch {b}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            print_bw(&dev, json);
+            let fab = match write_bw_fabric(size, n, b, iters) {
+                Ok(st) => st,
+                Err(e) => {
+                    eprintln!("error: write-bw {n} QPs batch {b}, path=fabric: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            print_bw(&fab, json);
+            if !json {
+                println!(
+                    "# {n} QPs batch {b}: device/fabric message rate {:.2} ({:.0} ns vs {:.0} ns per message)",
+                    dev.msg_rate_mpps / fab.msg_rate_mpps.max(1e-9),
+                    1e3 / dev.msg_rate_mpps.max(1e-9),
+                    1e3 / fab.msg_rate_mpps.max(1e-9)
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.test {
@@ -83,71 +326,98 @@ fn main() -> ExitCode {
             inline,
             completion,
             json,
+        } => write_lat(size, all, iters, inline, completion == "interrupt", json),
+        Test::ReadLat {
+            size,
+            all,
+            iters,
+            json,
         } => {
-            let interrupt = completion == "interrupt";
-            if size == 0 || size > 8 << 20 {
-                eprintln!("error: --size must be 1 ..= 8388608");
-                return ExitCode::FAILURE;
-            }
-            let sizes: Vec<u64> = if all {
-                (1..=23).map(|s| 1u64 << s).collect()
-            } else {
-                vec![size]
+            let sizes = match sizes(size, all) {
+                Ok(s) => s,
+                Err(c) => return c,
             };
             if !json {
-                println!("# vrdma-perf write-lat: two in-process guests over the soft fabric");
-                println!("# path=device: guest driver -> virtio-mmio -> device -> soft fabric -> peer guest memory");
-                if interrupt {
-                    println!("# path=eventfd: two threads ping-ponging through blocking eventfds (the wake-up floor), same run");
-                } else {
-                    println!(
-                        "# path=shm: two threads ping-ponging one cache line (the floor), same run"
-                    );
-                }
+                println!("# vrdma-perf read-lat: two in-process guests over the soft fabric (path=device, poll)");
+                println!("# ib_read_lat semantics: one READ at a time, send CQ polled; figures are FULL round trips");
                 println!("{}", LatStats::header());
             }
             for s in sizes {
-                let res = if interrupt {
-                    write_lat_device_interrupt(s, iters)
-                } else {
-                    write_lat_device(s, iters, inline)
-                };
-                let rtts = match res {
-                    Ok(r) => r,
+                match read_lat_device(s, iters) {
+                    Ok(st) => print_lat(&st, json),
                     Err(e) => {
-                        eprintln!("error: write-lat {s} B: {e}");
+                        eprintln!("error: read-lat {s} B: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Test::SendLat {
+            size,
+            all,
+            iters,
+            inline,
+            json,
+        } => {
+            let sizes = match sizes(size, all) {
+                Ok(s) => s,
+                Err(c) => return c,
+            };
+            if !json {
+                println!("# vrdma-perf send-lat: two in-process guests over the soft fabric (path=device, poll)");
+                println!("# ib_send_lat semantics: SEND ping-pong, receive CQ polled; figures are half round trips");
+                println!(
+                    "# path=shm: two threads ping-ponging one cache line (the floor), same run"
+                );
+                println!("{}", LatStats::header());
+            }
+            for s in sizes {
+                let dev = match send_lat_device(s, iters, inline) {
+                    Ok(st) => st,
+                    Err(e) => {
+                        eprintln!("error: send-lat {s} B: {e}");
                         return ExitCode::FAILURE;
                     }
                 };
-                let mode = if interrupt { "interrupt" } else { "poll" };
-                let dev = LatStats::from_rtts("write_lat", "device", s, mode, &rtts);
-                let floor = if interrupt {
-                    match write_lat_eventfd(iters) {
-                        Ok(r) => LatStats::from_rtts("write_lat", "eventfd", s, mode, &r),
-                        Err(e) => {
-                            eprintln!("error: eventfd floor: {e}");
-                            return ExitCode::FAILURE;
-                        }
-                    }
-                } else {
-                    LatStats::from_rtts("write_lat", "shm", s, mode, &write_lat_shm(iters))
-                };
-                for st in [&dev, &floor] {
-                    if json {
-                        println!("{}", serde_json::to_string(st).unwrap_or_default());
-                    } else {
-                        println!("{}", st.row());
-                    }
-                }
+                let floor =
+                    LatStats::from_rtts("send_lat", "shm", s, "poll", &write_lat_shm(iters));
+                print_lat(&dev, json);
+                print_lat(&floor, json);
                 if !json {
                     println!(
-                        "# {s} B: device/{} t_typical ratio {:.2}",
-                        floor.path,
+                        "# {s} B: device/shm t_typical ratio {:.2}",
                         dev.t_typical_us / floor.t_typical_us.max(1e-9)
                     );
                 }
             }
             ExitCode::SUCCESS
+        }
+        Test::AtomicLat {
+            iters,
+            cmp_swap,
+            json,
+        } => {
+            if !json {
+                let op = if cmp_swap {
+                    "CMP_AND_SWP"
+                } else {
+                    "FETCH_AND_ADD"
+                };
+                println!("# vrdma-perf atomic-lat: two in-process guests over the soft fabric (path=device, poll)");
+                println!("# ib_atomic_lat semantics: one 8 B {op} at a time, send CQ polled; figures are FULL round trips");
+                println!("{}", LatStats::header());
+            }
+            match atomic_lat_device(iters, cmp_swap) {
+                Ok(st) => {
+                    print_lat(&st, json);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: atomic-lat: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Test::Idle { secs, json } => {
             match idle_cpu(secs, 10_000) {
@@ -171,46 +441,66 @@ fn main() -> ExitCode {
             batch,
             iters,
             json,
-        } => {
-            if size == 0 || size > 8 << 20 {
-                eprintln!("error: --size must be 1 ..= 8388608");
-                return ExitCode::FAILURE;
-            }
-            if !json {
-                println!("# vrdma-perf write-bw: one sender thread, two in-process guests");
-                println!(
-                    " {:<8} {:<6} {:<6} {:<10} {:<12} {:<10} first_cqe[usec]",
-                    "#bytes", "qps", "batch", "msgs", "rate[Mpps]", "bw[Gb/s]"
-                );
-            }
-            if !json {
-                let mc = memcpy_bw(size as usize, 1 << 30) * 8.0 / 1e9;
-                println!("# single-thread memcpy of {size} B buffers, same run: {mc:.2} Gb/s");
-            }
-            for &n in &qps {
-                for &b in &batch {
-                    match write_bw_device(size, n, b, iters) {
-                        Ok(st) if json => {
-                            println!("{}", serde_json::to_string(&st).unwrap_or_default())
-                        }
-                        Ok(st) => println!(
-                            " {:<8} {:<6} {:<6} {:<10} {:<12.3} {:<10.2} {:.1}",
-                            st.bytes,
-                            st.qps,
-                            st.batch,
-                            st.msgs,
-                            st.msg_rate_mpps,
-                            st.bw_gbps,
-                            st.first_completion_us
-                        ),
-                        Err(e) => {
-                            eprintln!("error: write-bw {n} QPs batch {b}: {e}");
-                            return ExitCode::FAILURE;
-                        }
-                    }
+        } => write_bw(size, &qps, &batch, iters, json),
+        Test::Migrate {
+            qps,
+            mrs,
+            runs,
+            json,
+        } => migrate(qps, mrs, runs, json),
+    }
+}
+
+fn migrate(qps: u32, mrs: u32, runs: u32, json: bool) -> ExitCode {
+    if !json {
+        println!("# vrdma-perf migrate: pre-copy live migration of one guest while its peer sends WRITE_WITH_IMM");
+        println!(
+            " {:<6} {:<7} {:<12} {:<9} {:<11} {:<12} {:<11} {:<9} {:<10} {:<9}",
+            "qps",
+            "mrs",
+            "state[B]",
+            "save[us]",
+            "restore[us]",
+            "downtime[us]",
+            "ops_during",
+            "ops_lost",
+            "ops_dup",
+            "ops_total"
+        );
+    }
+    let mut ok = true;
+    for _ in 0..runs.max(1) {
+        match vrdma_tests::migrate_bench::migrate_bench(qps, mrs) {
+            Ok(m) => {
+                ok &= m.ops_lost == 0 && m.ops_duplicated == 0 && m.ops_reordered == 0;
+                if json {
+                    println!("{}", serde_json::to_string(&m).unwrap_or_default());
+                } else {
+                    println!(
+                        " {:<6} {:<7} {:<12} {:<9} {:<11} {:<12} {:<11} {:<9} {:<10} {:<9}",
+                        m.qps,
+                        m.mrs,
+                        m.state_bytes,
+                        m.save_us,
+                        m.restore_us,
+                        m.downtime_us,
+                        m.ops_during,
+                        m.ops_lost,
+                        m.ops_duplicated,
+                        m.ops_total
+                    );
                 }
             }
-            ExitCode::SUCCESS
+            Err(e) => {
+                eprintln!("error: migrate: {e}");
+                return ExitCode::FAILURE;
+            }
         }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: work requests were lost, duplicated or reordered");
+        ExitCode::FAILURE
     }
 }

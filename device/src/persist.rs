@@ -1,0 +1,729 @@
+//! Live migration: the migration state machine's states, and save/restore of the device state
+//! as a versioned, self-describing blob.
+//!
+//! # Blob format (version 1)
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic "VRDMAMIG"
+//! 8       4     format version (u32 LE) = 1
+//! 12      4     section count (u32 LE)
+//! 16      8     body length in bytes (u64 LE)
+//! 24      4     CRC-32 (IEEE) of the body (u32 LE)
+//! 28      4     reserved, 0
+//! 32      ...   body: `section count` sections
+//! ```
+//!
+//! Each section is `name_len: u16 LE, name (UTF-8), version: u32 LE, len: u32 LE, data`, where
+//! `data` is the section's postcard encoding. Sections of version 1: `config` (limits and GID),
+//! `virtio` (accepted features, the queues' state), `core` (every resource table with its
+//! handles, ring indices, CQ arming, pending events, moderation) and `backend` (the soft
+//! transport's per-QP PSNs, operations in flight and responder state). Every section is
+//! required; an unknown section, a section version this build does not read, trailing bytes or
+//! a bad checksum refuse the blob. `docs/migration.md` gives the versioning rules.
+//!
+//! Restoring treats the blob like guest input: every handle, count, index, page and segment is
+//! validated again (the same checks the control path applies), reference counts and page
+//! totals are recomputed rather than trusted, and any inconsistency is a [`MigrationError`].
+
+use std::sync::Arc;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use thiserror::Error;
+use virtio_queue::{Queue, QueueState, QueueT};
+use vrdma_abi as abi;
+
+use crate::device::DeviceConfig;
+use crate::interrupt::Interrupt;
+use crate::mr::{self, Mr};
+use crate::ring::Ring;
+use crate::soft::engine::{BackendSnapshot, QpLimits, SoftBackend};
+use crate::soft::Port;
+use crate::state::{Ah, Core, Cq, Moderation, Pd, Qp, State};
+use crate::tables::{HandleTable, TableSnapshot};
+use crate::GuestMemoryMmap;
+
+/// Magic bytes at the start of every state blob.
+pub const MAGIC: [u8; 8] = *b"VRDMAMIG";
+/// The blob format version this build writes (and the only one it reads).
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 32;
+
+/// Where a device is in the migration state machine (modelled on VFIO migration v2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationState {
+    /// Normal operation.
+    Running,
+    /// Stop initiating: no new WQEs are fetched from send queues; everything already accepted
+    /// keeps going (inbound requests, responses, completions, interrupts).
+    Quiescing,
+    /// Nothing happens: no guest-memory writes, no interrupts, no packets handled. Inbound
+    /// packets are held by the fabric. The state can be saved.
+    Stopped,
+    /// A restored instance took this device's place on the fabric; it can only be dropped.
+    MigratedAway,
+}
+
+/// Errors of the migration API. None of them changes the device on which the call was made.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MigrationError {
+    /// The call is not allowed in the device's current migration state.
+    #[error("{op} is not allowed while the device is {state:?}")]
+    WrongState {
+        /// The refused operation.
+        op: &'static str,
+        /// The device's state.
+        state: MigrationState,
+    },
+    /// The blob ends early.
+    #[error("state blob truncated ({0})")]
+    Truncated(&'static str),
+    /// The blob does not start with [`MAGIC`].
+    #[error("not a vrdma state blob (bad magic)")]
+    BadMagic,
+    /// The blob's format version is not one this build reads.
+    #[error("unsupported state format version {0} (this build reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u32),
+    /// The body does not match its checksum.
+    #[error("state blob checksum mismatch (corrupted)")]
+    Checksum,
+    /// A section is missing, unknown, duplicated, of an unknown version, or does not decode.
+    #[error("section {section}: {reason}")]
+    Section {
+        /// Section name.
+        section: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The decoded state is inconsistent (handles out of range, rings outside guest memory,
+    /// tables that disagree).
+    #[error("inconsistent device state: {0}")]
+    Invalid(String),
+    /// The fabric refused the step (e.g. the device's GID is already taken).
+    #[error("fabric: {0}")]
+    Fabric(String),
+}
+
+impl MigrationState {
+    /// Whether the device handles notifications, packets and timers in this state.
+    pub(crate) fn processes_guest_work(self) -> bool {
+        matches!(self, MigrationState::Running | MigrationState::Quiescing)
+    }
+}
+
+fn invalid(what: impl Into<String>) -> MigrationError {
+    MigrationError::Invalid(what.into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sections
+// ---------------------------------------------------------------------------------------------
+
+/// Serde mirror of virtio-queue's [`QueueState`] (which has no serde support).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct QueueSnapshot {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        Self {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(s: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct VirtioSection {
+    acked_features: u64,
+    /// The queues, if the device was active.
+    queues: Option<Vec<QueueSnapshot>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct RingSnapshot {
+    pages: Vec<u64>,
+    depth: u32,
+    stride: u32,
+}
+
+impl From<&Ring> for RingSnapshot {
+    fn from(r: &Ring) -> Self {
+        Self {
+            pages: r.pages.clone(),
+            depth: r.depth,
+            stride: r.stride,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct MrSnapshot {
+    pd: u32,
+    access: u32,
+    iova: u64,
+    length: u64,
+    page_shift: u32,
+    pages: Vec<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CqSnapshot {
+    ring: RingSnapshot,
+    prod: u32,
+    armed: u32,
+    arm_seq: Option<u32>,
+    sol_pos: Option<u32>,
+    overflow: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct QpSnapshot {
+    qp_type: u8,
+    pd: u32,
+    send_cq: u32,
+    recv_cq: u32,
+    sq_sig_all: bool,
+    sq: RingSnapshot,
+    rq: RingSnapshot,
+    max_send_sge: u32,
+    max_recv_sge: u32,
+    max_inline: u32,
+    attr: abi::QpAttr,
+    sq_cons: u32,
+    rq_cons: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CoreSection {
+    db_gpa: Option<u64>,
+    pds: TableSnapshot<()>,
+    mrs: TableSnapshot<MrSnapshot>,
+    cqs: TableSnapshot<CqSnapshot>,
+    qps: TableSnapshot<QpSnapshot>,
+    ahs: TableSnapshot<(u32, abi::AhAttr)>,
+    events: Vec<abi::Event>,
+    events_dropped: u64,
+    draining: Vec<u32>,
+    moderation_max_events: u32,
+    moderation_usec: u32,
+    moderation_pending: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Framing
+// ---------------------------------------------------------------------------------------------
+
+const SECTIONS: [&str; 4] = ["config", "virtio", "core", "backend"];
+
+fn section<T: Serialize>(name: &'static str, value: &T) -> (&'static str, Vec<u8>) {
+    let mut v = Vec::new();
+    encode_section(&mut v, name, value);
+    (name, v)
+}
+
+fn encode_section<T: Serialize>(out: &mut Vec<u8>, name: &str, value: &T) {
+    let data = postcard::to_stdvec(value).expect("serializing plain data into memory");
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&data);
+}
+
+fn frame(sections: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let body_len: usize = sections.iter().map(|(_, b)| b.len()).sum();
+    let mut out = Vec::with_capacity(HEADER_LEN + body_len);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(body_len as u64).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    for (_, b) in sections {
+        crc.update(b);
+    }
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    for (_, b) in sections {
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+/// Splits a blob into its sections, checking magic, version, length and checksum.
+fn unframe(blob: &[u8]) -> Result<Vec<(String, &[u8])>, MigrationError> {
+    if blob.len() < HEADER_LEN {
+        return Err(MigrationError::Truncated("header"));
+    }
+    if blob[0..8] != MAGIC {
+        return Err(MigrationError::BadMagic);
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(blob[o..o + 4].try_into().expect("4 bytes"));
+    let version = u32_at(8);
+    if version != FORMAT_VERSION {
+        return Err(MigrationError::UnsupportedVersion(version));
+    }
+    let count = u32_at(12) as usize;
+    let body_len = u64::from_le_bytes(blob[16..24].try_into().expect("8 bytes"));
+    let body = &blob[HEADER_LEN..];
+    if (body.len() as u64) < body_len {
+        return Err(MigrationError::Truncated("body"));
+    }
+    if body.len() as u64 != body_len {
+        return Err(invalid("trailing bytes after the body"));
+    }
+    if crc32fast::hash(body) != u32_at(24) {
+        return Err(MigrationError::Checksum);
+    }
+    let mut out: Vec<(String, &[u8])> = Vec::new();
+    let mut rest = body;
+    let mut take = |n: usize, what: &'static str| -> Result<&[u8], MigrationError> {
+        if rest.len() < n {
+            return Err(MigrationError::Truncated(what));
+        }
+        let (a, b) = rest.split_at(n);
+        rest = b;
+        Ok(a)
+    };
+    for _ in 0..count.min(SECTIONS.len() + 1) {
+        let nl = u16::from_le_bytes(take(2, "section name")?.try_into().expect("2")) as usize;
+        let name = String::from_utf8(take(nl, "section name")?.to_vec())
+            .map_err(|_| invalid("section name is not UTF-8"))?;
+        let sv = u32::from_le_bytes(take(4, "section version")?.try_into().expect("4"));
+        let len = u32::from_le_bytes(take(4, "section length")?.try_into().expect("4")) as usize;
+        let data = take(len, "section data")?;
+        let section_err = |reason: String| MigrationError::Section {
+            section: name.clone(),
+            reason,
+        };
+        if !SECTIONS.contains(&name.as_str()) {
+            return Err(section_err("unknown section".into()));
+        }
+        if sv != 1 {
+            return Err(section_err(format!("unsupported section version {sv}")));
+        }
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(section_err("duplicated".into()));
+        }
+        out.push((name, data));
+    }
+    if out.len() != count || !rest.is_empty() {
+        return Err(invalid("section count does not match the body"));
+    }
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(
+    sections: &[(String, &[u8])],
+    name: &'static str,
+) -> Result<T, MigrationError> {
+    let data = sections
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, d)| *d)
+        .ok_or(MigrationError::Section {
+            section: name.into(),
+            reason: "missing".into(),
+        })?;
+    let (v, rest) = postcard::take_from_bytes(data).map_err(|e| MigrationError::Section {
+        section: name.into(),
+        reason: e.to_string(),
+    })?;
+    if !rest.is_empty() {
+        return Err(MigrationError::Section {
+            section: name.into(),
+            reason: "trailing bytes".into(),
+        });
+    }
+    Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Save
+// ---------------------------------------------------------------------------------------------
+
+impl State {
+    /// Saves the device state. The device must be stopped (checked by the caller).
+    pub(crate) fn save(&self) -> Vec<u8> {
+        let c = &self.core;
+        let virtio = VirtioSection {
+            acked_features: self.acked_features,
+            queues: self
+                .active
+                .as_ref()
+                .map(|a| a.queues.iter().map(|q| q.state().into()).collect()),
+        };
+        let core = CoreSection {
+            db_gpa: c.db_gpa,
+            pds: c.pds.snapshot(|_| ()),
+            mrs: c.mrs.snapshot(|m| MrSnapshot {
+                pd: m.pd,
+                access: m.access,
+                iova: m.iova,
+                length: m.length,
+                page_shift: m.page_shift,
+                pages: m.pages.clone(),
+            }),
+            cqs: c.cqs.snapshot(|q| CqSnapshot {
+                ring: (&q.ring).into(),
+                prod: q.prod,
+                armed: q.armed,
+                arm_seq: q.arm_seq,
+                sol_pos: q.sol_pos,
+                overflow: q.overflow,
+            }),
+            qps: c.qps.snapshot(|q| QpSnapshot {
+                qp_type: q.qp_type,
+                pd: q.pd,
+                send_cq: q.send_cq,
+                recv_cq: q.recv_cq,
+                sq_sig_all: q.sq_sig_all,
+                sq: (&q.sq).into(),
+                rq: (&q.rq).into(),
+                max_send_sge: q.max_send_sge,
+                max_recv_sge: q.max_recv_sge,
+                max_inline: q.max_inline,
+                attr: q.attr,
+                sq_cons: q.sq_cons,
+                rq_cons: q.rq_cons,
+            }),
+            ahs: c.ahs.snapshot(|a| (a.pd, a.attr)),
+            events: c.events.iter().copied().collect(),
+            events_dropped: c.events_dropped,
+            draining: c.draining.clone(),
+            moderation_max_events: c.moderation.max_events,
+            moderation_usec: c.moderation.usec,
+            moderation_pending: c.moderation.pending,
+        };
+        let backend = self.backend.save();
+        let parts = [
+            section("config", &c.cfg),
+            section("virtio", &virtio),
+            section("core", &core),
+            section("backend", &backend),
+        ];
+        frame(&parts)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restore
+// ---------------------------------------------------------------------------------------------
+
+/// The configuration saved in a blob (to build the destination device with the same identity
+/// and limits). Checks the framing, not the rest.
+pub(crate) fn blob_config(blob: &[u8]) -> Result<DeviceConfig, MigrationError> {
+    let sections = unframe(blob)?;
+    decode(&sections, "config")
+}
+
+fn ring_from(
+    mem: &GuestMemoryMmap,
+    s: RingSnapshot,
+    max_depth: u32,
+    max_pages: u32,
+    what: &str,
+) -> Result<Ring, String> {
+    Ring::new(mem, s.pages, s.depth, s.stride, max_depth, max_pages)
+        .map_err(|e| format!("{what}: {e:?}"))
+}
+
+impl State {
+    /// Rebuilds a device state from a blob over `mem`. `port` is the new device's fabric port.
+    pub(crate) fn restore(
+        cfg: DeviceConfig,
+        port: Arc<Port>,
+        mem: Arc<GuestMemoryMmap>,
+        irq: Arc<dyn Interrupt>,
+        blob: &[u8],
+    ) -> Result<State, MigrationError> {
+        let sections = unframe(blob)?;
+        let saved_cfg: DeviceConfig = decode(&sections, "config")?;
+        if saved_cfg != cfg {
+            return Err(invalid("configuration differs from the blob's"));
+        }
+        let virtio: VirtioSection = decode(&sections, "virtio")?;
+        let core: CoreSection = decode(&sections, "core")?;
+        let backend: BackendSnapshot = decode(&sections, "backend")?;
+
+        if virtio.acked_features & !crate::device::AVAIL_FEATURES != 0 {
+            return Err(invalid("features the device never offered"));
+        }
+        let mut st = State::new(cfg.clone(), port.clone());
+        st.acked_features = virtio.acked_features;
+        let Some(qs) = virtio.queues else {
+            // Never activated: nothing else may be present.
+            if core.db_gpa.is_some()
+                || !core.pds.objs.is_empty()
+                || !core.mrs.objs.is_empty()
+                || !core.cqs.objs.is_empty()
+                || !core.qps.objs.is_empty()
+                || !core.ahs.objs.is_empty()
+                || !backend_is_empty(&backend)
+            {
+                return Err(invalid("resources on a device that was never activated"));
+            }
+            return Ok(st);
+        };
+        if qs.len() != abi::NUM_QUEUES {
+            return Err(invalid("wrong number of queues"));
+        }
+        let mut queues = Vec::with_capacity(qs.len());
+        for (i, q) in qs.into_iter().enumerate() {
+            if q.max_size != abi::QUEUE_MAX_SIZE {
+                return Err(invalid(format!("queue {i}: wrong maximum size")));
+            }
+            let q = Queue::try_from(QueueState::from(q))
+                .map_err(|e| invalid(format!("queue {i}: {e}")))?;
+            if !q.is_valid(mem.as_ref()) {
+                return Err(invalid(format!("queue {i}: rings outside guest memory")));
+            }
+            queues.push(q);
+        }
+        st.activate(mem.clone(), queues, irq);
+        st.core = restore_core(cfg, &mem, st.acked_features, core)?;
+        let c = &st.core;
+        let limits = |qpn: u32| {
+            c.qps.get(qpn).map(|q| QpLimits {
+                info: q.info(qpn),
+                sq_depth: q.sq.depth,
+                max_inline: q.max_inline,
+            })
+        };
+        st.backend = SoftBackend::restore(port, Some(&mem), backend, &limits)
+            .map_err(MigrationError::Invalid)?;
+        // Every QP of the core that can hold operations must have a backend twin.
+        for qpn in st.core.qps.handles() {
+            if !st.backend.has_qp(qpn) {
+                return Err(invalid(format!("QP {qpn:#x} has no transport state")));
+            }
+        }
+        Ok(st)
+    }
+}
+
+fn backend_is_empty(b: &BackendSnapshot) -> bool {
+    b == &BackendSnapshot::default()
+}
+
+fn restore_core(
+    cfg: DeviceConfig,
+    mem_arc: &Arc<GuestMemoryMmap>,
+    features: u64,
+    s: CoreSection,
+) -> Result<Core, MigrationError> {
+    let mem = mem_arc.as_ref();
+    let mut core = Core::new(cfg.clone());
+    core.mem = Some(mem_arc.clone());
+    core.features = features;
+    if let Some(gpa) = s.db_gpa {
+        let size = abi::doorbell_area_size(cfg.max_qp, cfg.max_cq);
+        if !gpa.is_multiple_of(abi::VRDMA_PAGE_SIZE) || !mr::in_one_region(mem, gpa, size) {
+            return Err(invalid("doorbell area outside guest memory"));
+        }
+    } else if !s.cqs.objs.is_empty() || !s.qps.objs.is_empty() {
+        return Err(invalid("rings without a doorbell area"));
+    }
+    core.db_gpa = s.db_gpa;
+    let t = |what: &'static str| move |e: String| invalid(format!("{what}: {e}"));
+    core.pds = HandleTable::from_snapshot(cfg.max_pd, s.pds, |_, ()| Ok(Pd::default()))
+        .map_err(t("PD table"))?;
+    let pds = core.pds.clone();
+    let pd_ok = |pd: u32| {
+        pds.get(pd)
+            .map(|_| ())
+            .ok_or_else(|| format!("unknown PD {pd:#x}"))
+    };
+    let mut mr_pages = 0u64;
+    core.mrs = HandleTable::from_snapshot(cfg.max_mr, s.mrs, |_, m| {
+        pd_ok(m.pd)?;
+        if m.access & !abi::ACCESS_ALL != 0
+            || m.length > cfg.max_mr_size
+            || m.pages.len() as u64 > cfg.max_mr_pages as u64
+        {
+            return Err("MR attributes out of range".into());
+        }
+        mr_pages += m.pages.len() as u64;
+        Mr::new(mem, m.pd, m.access, m.iova, m.length, m.page_shift, m.pages)
+            .map_err(|e| format!("MR pages: {e:?}"))
+    })
+    .map_err(t("MR table"))?;
+    let mut ring_pages = 0u64;
+    core.cqs = HandleTable::from_snapshot(cfg.max_cq, s.cqs, |_, c| {
+        if c.ring.stride != abi::CQE_SIZE {
+            return Err("CQ ring stride".into());
+        }
+        let ring = ring_from(mem, c.ring, cfg.max_cqe, cfg.max_ring_pages, "CQ ring")?;
+        ring_pages += ring.pages.len() as u64;
+        if c.armed & !(abi::CQ_ARM_NEXT | abi::CQ_ARM_SOLICITED) != 0 {
+            return Err("CQ arm flags".into());
+        }
+        Ok(Cq {
+            ring,
+            prod: c.prod,
+            armed: c.armed,
+            arm_seq: c.arm_seq,
+            sol_pos: c.sol_pos,
+            overflow: c.overflow,
+            refs: 0,
+        })
+    })
+    .map_err(t("CQ table"))?;
+    let cqs = core.cqs.clone();
+    core.qps = HandleTable::from_snapshot(cfg.max_qp, s.qps, |_, q| {
+        pd_ok(q.pd)?;
+        if cqs.get(q.send_cq).is_none() || cqs.get(q.recv_cq).is_none() {
+            return Err("unknown CQ".into());
+        }
+        if !matches!(q.qp_type, abi::QPT_RC | abi::QPT_UD) {
+            return Err("QP type".into());
+        }
+        if q.attr.qp_state > abi::QPS_ERR {
+            return Err("QP state".into());
+        }
+        let sq = ring_from(mem, q.sq, cfg.max_qp_wr, cfg.max_ring_pages, "SQ")?;
+        let rq = ring_from(mem, q.rq, cfg.max_qp_wr, cfg.max_ring_pages, "RQ")?;
+        ring_pages += (sq.pages.len() + rq.pages.len()) as u64;
+        let send_room = sq.stride.saturating_sub(abi::SEND_WQE_HDR);
+        if q.max_send_sge > (send_room / abi::SGE_SIZE).min(cfg.max_sge)
+            || q.max_recv_sge
+                > (rq.stride.saturating_sub(abi::RECV_WQE_HDR) / abi::SGE_SIZE).min(cfg.max_sge)
+            || q.max_inline > send_room.min(cfg.max_inline)
+        {
+            return Err("QP capabilities exceed its rings".into());
+        }
+        let qp = Qp {
+            qp_type: q.qp_type,
+            pd: q.pd,
+            send_cq: q.send_cq,
+            recv_cq: q.recv_cq,
+            sq_sig_all: q.sq_sig_all,
+            sq,
+            rq,
+            max_send_sge: q.max_send_sge,
+            max_recv_sge: q.max_recv_sge,
+            max_inline: q.max_inline,
+            attr: q.attr,
+            sq_cons: q.sq_cons,
+            rq_cons: q.rq_cons,
+            sq_stalled: false,
+        };
+        Ok(qp)
+    })
+    .map_err(t("QP table"))?;
+    core.ahs = HandleTable::from_snapshot(cfg.max_ah, s.ahs, |_, (pd, attr)| {
+        pd_ok(pd)?;
+        Ok(Ah { pd, attr })
+    })
+    .map_err(t("AH table"))?;
+    if mr_pages > cfg.max_total_mr_pages || ring_pages > cfg.max_total_ring_pages {
+        return Err(invalid("page budgets exceeded"));
+    }
+    core.total_mr_pages = mr_pages;
+    core.total_ring_pages = ring_pages;
+    // Reference counts are derived, never trusted.
+    let mut pd_refs: Vec<u32> = Vec::new();
+    pd_refs.extend(core.mrs.iter().map(|(_, m)| m.pd));
+    pd_refs.extend(core.ahs.iter().map(|(_, a)| a.pd));
+    pd_refs.extend(core.qps.iter().map(|(_, q)| q.pd));
+    for pd in pd_refs {
+        if let Some(p) = core.pds.get_mut(pd) {
+            p.refs += 1;
+        }
+    }
+    let cq_refs: Vec<u32> = core
+        .qps
+        .iter()
+        .flat_map(|(_, q)| [q.send_cq, q.recv_cq])
+        .collect();
+    for cq in cq_refs {
+        if let Some(c) = core.cqs.get_mut(cq) {
+            c.refs += 1;
+        }
+    }
+    let cap = (cfg.max_cq as usize + cfg.max_qp as usize) * 2 + 64;
+    if s.events.len() > cap {
+        return Err(invalid("too many pending events"));
+    }
+    core.events = s.events.into_iter().collect();
+    core.events_dropped = s.events_dropped;
+    for &qpn in &s.draining {
+        if core.qps.get(qpn).is_none() {
+            return Err(invalid("draining an unknown QP"));
+        }
+    }
+    core.draining = s.draining;
+    core.moderation = Moderation {
+        max_events: s.moderation_max_events,
+        usec: s.moderation_usec,
+        pending: s.moderation_pending,
+        first_pending: None,
+    };
+    Ok(core)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_rejects_damage() {
+        let parts = [section("config", &7u32), section("virtio", &1u8)];
+        let blob = frame(&parts);
+        let s = unframe(&blob).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(decode::<u32>(&s, "config").unwrap(), 7);
+        assert!(matches!(
+            decode::<u32>(&s, "core"),
+            Err(MigrationError::Section { .. })
+        ));
+        for cut in 0..blob.len() {
+            assert!(unframe(&blob[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut bad = blob.clone();
+        bad[0] ^= 1;
+        assert_eq!(unframe(&bad), Err(MigrationError::BadMagic));
+        let mut bad = blob.clone();
+        bad[8] = 2;
+        assert_eq!(unframe(&bad), Err(MigrationError::UnsupportedVersion(2)));
+        let mut bad = blob.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x40;
+        assert_eq!(unframe(&bad), Err(MigrationError::Checksum));
+        let mut long = blob.clone();
+        long.push(0);
+        assert!(unframe(&long).is_err());
+    }
+}
