@@ -384,7 +384,6 @@ impl Vrdma {
             st.backend.flush_pending_acks();
             st.mig = MigrationState::Stopped;
             self.port.set_paused(true);
-            log_doorbell_area(&st);
             st.take_fabric_work()
         };
         self.port.fabric().run(work);
@@ -513,26 +512,6 @@ impl Vrdma {
         // A poisoned lock means a panic in device code, which is a bug; keep serving the guest
         // with the state as it is rather than propagating the panic into the VMM.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Marks the doorbell area dirty in the guest memory's log. The device consumes doorbell bits
-/// with atomic exchanges (`take_bits` in `state.rs`), which vm-memory's dirty bitmap does not
-/// see; without this, the final pre-copy round after `stop` would miss bits the device cleared
-/// since the page was last copied, and the destination would hold stale doorbell bits — a bit
-/// left set makes the guest's next doorbell for that QP/CQ look already pending, so it never
-/// notifies and the WQE never runs. Nothing changes the area while stopped, so copying it in
-/// the final round gives the exact image.
-fn log_doorbell_area(st: &State) {
-    let (Some(gpa), Some(mem)) = (st.core.db_gpa, st.core.mem.as_ref()) else {
-        return;
-    };
-    let len = abi::doorbell_area_size(st.core.cfg.max_qp, st.core.cfg.max_cq) as usize;
-    use vm_memory::bitmap::Bitmap as _;
-    use vm_memory::GuestMemoryBackend as _;
-    // The area was checked to lie in one region when it was registered.
-    if let Ok(s) = mem.get_slice(vm_memory::GuestAddress(gpa), len) {
-        s.bitmap().mark_dirty(0, len);
     }
 }
 

@@ -2020,3 +2020,40 @@ fn reset_after_migration_flushes_everything() {
     let pd = a.d.alloc_pd().unwrap();
     a.d.dealloc_pd(pd).unwrap();
 }
+
+/// A QP in ERR is migrated as such: work posted on the destination is flushed (no event), and
+/// its peer notices nothing.
+#[test]
+fn qp_in_err_stays_flushing_after_migration() {
+    let (fabric, mut va, vb) = two_vms();
+    let (mut a, b) = (guest(&va, 64 << 10), guest(&vb, 64 << 10));
+    let (mut qa, qb) = (a.qp(), b.qp());
+    connect(&a, &qa, &b, &qb);
+    let (attr, mask) = state_attr(abi::QPS_ERR);
+    a.d.modify_qp(&qa, &attr, mask).unwrap();
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    migrate(&fabric, &mut va, &mut a);
+    assert_eq!(a.d.qp_state(&qa).unwrap(), abi::QPS_ERR);
+    let s = [a.mr.sge(0, 64)];
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::send(1, &s),
+            SendWr::write(2, &s, b.mr.iova, b.mr.rkey),
+        ],
+    )
+    .unwrap();
+    a.d.post_recv(&mut qa, &[RecvWr::new(60, &s)]).unwrap();
+    let v = poll_exact(&a.d, &mut a.cq, 3);
+    let flush = abi::WC_WR_FLUSH_ERR;
+    assert_eq!(
+        sq_keys(&v),
+        [
+            (1, flush, abi::WC_OP_SEND),
+            (2, flush, abi::WC_OP_RDMA_WRITE)
+        ]
+    );
+    assert_eq!(rq_keys(&v), [(60, flush, abi::WC_OP_RECV)]);
+    assert_no_events(&a, &b);
+    assert_eq!(b.buf.to_vec(), vec![0; 64 << 10]);
+}
