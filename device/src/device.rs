@@ -436,14 +436,15 @@ impl Vrdma {
         irq: Arc<dyn Interrupt>,
         blob: &[u8],
     ) -> Result<Arc<Self>, MigrationError> {
-        let cfg = crate::persist::blob_config(blob)?;
+        let parsed = crate::persist::parse(blob)?;
+        let cfg = parsed.cfg.clone();
         cfg.validate()
             .map_err(|e| MigrationError::Invalid(e.to_string()))?;
         let config_space = cfg.config_space();
         let mut err = None;
         let dev = Arc::new_cyclic(|weak| {
             let port = Port::new(fabric.clone(), cfg.gid, weak.clone());
-            let state = match State::restore(cfg.clone(), port.clone(), mem, irq, blob) {
+            let state = match State::restore(&parsed, port.clone(), mem, irq) {
                 Ok(mut s) => {
                     s.mig = MigrationState::Stopped;
                     s

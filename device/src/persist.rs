@@ -119,18 +119,29 @@ fn invalid(what: impl Into<String>) -> MigrationError {
 // Sections
 // ---------------------------------------------------------------------------------------------
 
-/// Serde mirror of virtio-queue's [`QueueState`] (which has no serde support).
+/// Serde mirror of virtio-queue's [`QueueState`] (which has no serde support), shared with
+/// transports that save their queue configuration. Untrusted: convert it back with
+/// `Queue::try_from(QueueState::from(..))`, which validates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct QueueSnapshot {
-    max_size: u16,
-    next_avail: u16,
-    next_used: u16,
-    event_idx_enabled: bool,
-    size: u16,
-    ready: bool,
-    desc_table: u64,
-    avail_ring: u64,
-    used_ring: u64,
+pub struct QueueSnapshot {
+    /// Maximum size offered by the device.
+    pub max_size: u16,
+    /// Next available-ring index the device reads.
+    pub next_avail: u16,
+    /// Next used-ring index the device writes.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Queue ready.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
 }
 
 impl From<QueueState> for QueueSnapshot {
@@ -442,11 +453,20 @@ impl State {
 // Restore
 // ---------------------------------------------------------------------------------------------
 
-/// The configuration saved in a blob (to build the destination device with the same identity
-/// and limits). Checks the framing, not the rest.
-pub(crate) fn blob_config(blob: &[u8]) -> Result<DeviceConfig, MigrationError> {
+/// A blob whose framing (magic, version, length, checksum, section list) was checked.
+pub(crate) struct Blob<'a> {
+    sections: Vec<(String, &'a [u8])>,
+    /// The saved configuration: the destination device is built with the same identity and
+    /// limits.
+    pub cfg: DeviceConfig,
+}
+
+/// Checks a blob's framing and decodes its configuration; the rest is decoded and validated by
+/// [`State::restore`].
+pub(crate) fn parse(blob: &[u8]) -> Result<Blob<'_>, MigrationError> {
     let sections = unframe(blob)?;
-    decode(&sections, "config")
+    let cfg = decode(&sections, "config")?;
+    Ok(Blob { sections, cfg })
 }
 
 fn ring_from(
@@ -461,22 +481,18 @@ fn ring_from(
 }
 
 impl State {
-    /// Rebuilds a device state from a blob over `mem`. `port` is the new device's fabric port.
+    /// Rebuilds a device state from a parsed blob over `mem`. `port` is the new device's
+    /// fabric port.
     pub(crate) fn restore(
-        cfg: DeviceConfig,
+        blob: &Blob<'_>,
         port: Arc<Port>,
         mem: Arc<GuestMemoryMmap>,
         irq: Arc<dyn Interrupt>,
-        blob: &[u8],
     ) -> Result<State, MigrationError> {
-        let sections = unframe(blob)?;
-        let saved_cfg: DeviceConfig = decode(&sections, "config")?;
-        if saved_cfg != cfg {
-            return Err(invalid("configuration differs from the blob's"));
-        }
-        let virtio: VirtioSection = decode(&sections, "virtio")?;
-        let core: CoreSection = decode(&sections, "core")?;
-        let backend: BackendSnapshot = decode(&sections, "backend")?;
+        let (sections, cfg) = (&blob.sections, blob.cfg.clone());
+        let virtio: VirtioSection = decode(sections, "virtio")?;
+        let core: CoreSection = decode(sections, "core")?;
+        let backend: BackendSnapshot = decode(sections, "backend")?;
 
         if virtio.acked_features & !crate::device::AVAIL_FEATURES != 0 {
             return Err(invalid("features the device never offered"));

@@ -25,6 +25,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
+use vrdma_device::persist::QueueSnapshot;
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::{
     ActivateError, GuestMemoryMmap, Interrupt, InterruptKind, MigrationError, Vrdma,
@@ -712,19 +713,11 @@ fn invalid(what: impl Into<String>) -> TransportMigrationError {
     TransportMigrationError::Invalid(what.into())
 }
 
-/// One queue slot as saved: virtio-queue's [`QueueState`](virtio_queue::QueueState) (mirrored,
-/// it has no serde support) plus the ring addresses exactly as the driver wrote them.
+/// One queue slot as saved: virtio-queue's state (the device crate's serde mirror) plus the
+/// ring addresses exactly as the driver wrote them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct QueueSlotSnapshot {
-    max_size: u16,
-    next_avail: u16,
-    next_used: u16,
-    event_idx_enabled: bool,
-    size: u16,
-    ready: bool,
-    desc_table: u64,
-    avail_ring: u64,
-    used_ring: u64,
+    queue: QueueSnapshot,
     raw_desc: u64,
     raw_driver: u64,
     raw_device: u64,
@@ -732,17 +725,8 @@ struct QueueSlotSnapshot {
 
 impl QueueSlotSnapshot {
     fn save(slot: &QueueSlot) -> Self {
-        let s = slot.queue.state();
         Self {
-            max_size: s.max_size,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-            event_idx_enabled: s.event_idx_enabled,
-            size: s.size,
-            ready: s.ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
+            queue: slot.queue.state().into(),
             raw_desc: slot.desc,
             raw_driver: slot.driver,
             raw_device: slot.device,
@@ -751,24 +735,14 @@ impl QueueSlotSnapshot {
 
     /// Rebuilds the slot; virtio-queue checks the size and the ring alignments.
     fn restore(self, index: usize, max_size: u16) -> Result<QueueSlot, TransportMigrationError> {
-        if self.max_size != max_size {
+        if self.queue.max_size != max_size {
             return Err(invalid(format!(
                 "queue {index}: maximum size {} (the device's is {max_size})",
-                self.max_size
+                self.queue.max_size
             )));
         }
-        let queue = Queue::try_from(virtio_queue::QueueState {
-            max_size: self.max_size,
-            next_avail: self.next_avail,
-            next_used: self.next_used,
-            event_idx_enabled: self.event_idx_enabled,
-            size: self.size,
-            ready: self.ready,
-            desc_table: self.desc_table,
-            avail_ring: self.avail_ring,
-            used_ring: self.used_ring,
-        })
-        .map_err(|e| invalid(format!("queue {index}: {e}")))?;
+        let queue = Queue::try_from(virtio_queue::QueueState::from(self.queue))
+            .map_err(|e| invalid(format!("queue {index}: {e}")))?;
         Ok(QueueSlot {
             queue,
             desc: self.raw_desc,
@@ -903,9 +877,14 @@ impl MmioTransport {
     /// The device must be stopped ([`Vrdma::stop`]) and the vCPUs paused. Nothing changes, so
     /// an aborted migration just resumes the device.
     pub fn save_state(&self) -> Result<Vec<u8>, TransportMigrationError> {
-        let st = self.lock();
         let device = self.device.save()?;
-        let snap = TransportSnapshot {
+        Ok(encode_state(&self.snapshot(device)))
+    }
+
+    /// The transport registers, with `device` as the device's blob.
+    fn snapshot(&self, device: Vec<u8>) -> TransportSnapshot {
+        let st = self.lock();
+        TransportSnapshot {
             status: st.status,
             device_features_sel: st.device_features_sel,
             driver_features_sel: st.driver_features_sel,
@@ -918,8 +897,7 @@ impl MmioTransport {
                 .collect(),
             interrupt_status: self.interrupt_status(),
             device,
-        };
-        Ok(encode_state(&snap))
+        }
     }
 
     /// Rebuilds a transport from [`MmioTransport::save_state`]'s blob over `mem` (the copy of
@@ -1712,21 +1690,7 @@ mod tests {
 
     /// The transport registers as the snapshot sees them (device blob excluded).
     fn registers(t: &MmioTransport) -> TransportSnapshot {
-        let st = t.lock();
-        TransportSnapshot {
-            status: st.status,
-            device_features_sel: st.device_features_sel,
-            driver_features_sel: st.driver_features_sel,
-            driver_features: st.driver_features,
-            queue_sel: st.queue_sel,
-            queues: st
-                .queues
-                .iter()
-                .map(|q| q.as_ref().map(QueueSlotSnapshot::save))
-                .collect(),
-            interrupt_status: t.interrupt_status(),
-            device: Vec::new(),
-        }
+        t.snapshot(Vec::new())
     }
 
     /// Re-encodes a modified snapshot (valid envelope and checksum).
@@ -1934,15 +1898,15 @@ mod tests {
             ("a queue absent", Box::new(|s| s.queues[0] = None)),
             (
                 "bad queue size",
-                Box::new(|s| s.queues[0].as_mut().unwrap().size = 3),
+                Box::new(|s| s.queues[0].as_mut().unwrap().queue.size = 3),
             ),
             (
                 "bad maximum size",
-                Box::new(|s| s.queues[0].as_mut().unwrap().max_size = 128),
+                Box::new(|s| s.queues[0].as_mut().unwrap().queue.max_size = 128),
             ),
             (
                 "misaligned descriptor table",
-                Box::new(|s| s.queues[1].as_mut().unwrap().desc_table += 8),
+                Box::new(|s| s.queues[1].as_mut().unwrap().queue.desc_table += 8),
             ),
             (
                 "live queue written misaligned",
@@ -1950,13 +1914,13 @@ mod tests {
             ),
             (
                 "live queue not ready",
-                Box::new(|s| s.queues[1].as_mut().unwrap().ready = false),
+                Box::new(|s| s.queues[1].as_mut().unwrap().queue.ready = false),
             ),
             (
                 "live queue outside guest memory",
                 Box::new(|s| {
                     let q = s.queues[0].as_mut().unwrap();
-                    q.used_ring = 0xffff_0000_0000;
+                    q.queue.used_ring = 0xffff_0000_0000;
                     q.raw_device = 0xffff_0000_0000;
                 }),
             ),

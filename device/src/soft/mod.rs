@@ -190,26 +190,25 @@ impl SoftFabric {
         ) {
             return Err(FabricError::OtherFabric);
         }
-        let old = {
-            let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
-            let old = ports.insert(new.gid, new.clone());
-            self.epoch.fetch_add(1, Ordering::AcqRel);
-            let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
-            by_id.insert(new.id, Arc::downgrade(new));
-            if let Some(o) = &old {
-                by_id.remove(&o.id);
-            }
-            old
-        };
-        if let Some(old) = old.filter(|o| o.id != new.id) {
+        // All under the port table's write lock, held packets moved before anything can reach
+        // the new port: a sender looking the GID up waits for the lock, one with a cached route
+        // pushes to the old port and is forwarded behind the held packets. Order is kept.
+        let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
+        let old = ports.insert(new.gid, new.clone());
+        if let Some(old) = old.as_ref().filter(|o| o.id != new.id) {
             let mut inbox = old.inbox.lock().unwrap_or_else(|e| e.into_inner());
             *old.moved_to.lock().unwrap_or_else(|e| e.into_inner()) = Some(new.clone());
             let held = std::mem::take(&mut *inbox);
-            drop(inbox);
             new.inbox
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(held);
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        by_id.insert(new.id, Arc::downgrade(new));
+        if let Some(o) = old.filter(|o| o.id != new.id) {
+            by_id.remove(&o.id);
         }
         Ok(())
     }
