@@ -1807,10 +1807,9 @@ fn sqd_draining_survives_migration() {
 }
 
 /// The same with the outstanding operation bouncing off RNR NAKs instead (no receive at the
-/// peer). Fails today, with or without the migration (`SQD_NO_MIGRATION=1`): see
-/// /work/notes/bugs.md "SQD stops retransmissions".
+/// peer): the QP keeps retrying in SQD, before and after the migration (`SQD_NO_MIGRATION=1`
+/// runs it without the migration).
 #[test]
-#[ignore = "device bug: a QP in SQD never retransmits (engine.rs pump), see bugs.md"]
 fn sqd_draining_with_rnr_survives_migration() {
     sqd_draining(true);
 }

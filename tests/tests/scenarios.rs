@@ -2834,3 +2834,226 @@ fn sqd_drains_then_resumes() {
         (1, OK, abi::WC_OP_RECV)
     );
 }
+
+/// `(wr_id, status, opcode)` of each CQE, in order.
+fn keys(v: &[Cqe]) -> Vec<(u64, u8, u8)> {
+    v.iter().map(key).collect()
+}
+
+/// The EV_SQ_DRAINED event of `qp`, as the device raises it.
+fn sq_drained(qp: &Qp) -> Event {
+    Event {
+        kind: abi::EV_SQ_DRAINED,
+        handle: qp.qpn(),
+        detail: 0,
+    }
+}
+
+/// IB SQD: operations started before the transition complete normally, including RNR retries;
+/// only new WQEs wait. A SEND, a WRITE and a WRITE_WITH_IMM are posted while the responder has
+/// no receive, so the SEND bounces off RNR NAKs; then the requester enters SQD and posts one
+/// more SEND. Receives posted at the responder while the requester is in SQD let the three
+/// operations finish one after the other (the WRITE_WITH_IMM bounces off RNR NAKs in SQD in
+/// turn); EV_SQ_DRAINED comes exactly once, after the last of them, and the SEND posted in SQD
+/// runs only back in RTS.
+#[test]
+fn sqd_completes_rnr_naked_operations_started_before_it() {
+    let (_f, mut a, mut b) = two(64 << 10);
+    a.buf.fill_pattern(61);
+    b.buf.fill(0xee);
+    let mut qa = a.qp(|_| {});
+    let mut qb = b.qp(|_| {});
+    connect_with(
+        &a,
+        &qa,
+        &b,
+        &qb,
+        |p| p.rnr_retry = 7,
+        |p| p.min_rnr_timer = 1,
+    );
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::send(1, &[a.mr.sge(0, 1000)]),
+            SendWr::write(2, &[a.mr.sge(1000, 500)], b.mr.addr(8192), b.mr.rkey),
+            SendWr::write_imm(3, &[a.mr.sge(1500, 300)], b.mr.addr(12288), b.mr.rkey, 0x55),
+        ],
+    )
+    .unwrap();
+    // The SEND is stuck on RNR.
+    assert_cq_empty(&a.d, &mut a.cq, Duration::from_millis(40));
+    let (attr, mask) = err_attr(abi::QPS_SQD);
+    a.d.modify_qp(&qa, &attr, mask).unwrap();
+    assert_no_events(&a.d, QUIET);
+    assert_eq!(a.d.query_qp(&qa).unwrap().sq_draining, 1);
+    // Posted in SQD: not started until the QP is back in RTS.
+    a.d.post_send(&mut qa, &[SendWr::send(4, &[a.mr.sge(4096, 64)])])
+        .unwrap();
+
+    // A receive for the SEND: the SEND and the WRITE behind it complete; the WRITE_WITH_IMM
+    // now waits for a receive of its own.
+    b.d.post_recv(&mut qb, &[RecvWr::new(10, &[b.mr.sge(0, 4096)])])
+        .unwrap();
+    assert_eq!(
+        keys(&a.d.poll_cq_until(&mut a.cq, 2, LONG)),
+        [(1, OK, abi::WC_OP_SEND), (2, OK, abi::WC_OP_RDMA_WRITE)]
+    );
+    assert_cq_empty(&a.d, &mut a.cq, Duration::from_millis(40));
+    assert_no_events(&a.d, QUIET);
+    assert_eq!(a.d.query_qp(&qa).unwrap().sq_draining, 1);
+
+    // Two more receives: the WRITE_WITH_IMM takes the first; the SEND posted in SQD must not
+    // take the second.
+    b.d.post_recv(
+        &mut qb,
+        &[
+            RecvWr::new(11, &[]),
+            RecvWr::new(12, &[b.mr.sge(16384, 4096)]),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 1)),
+        [(3, OK, abi::WC_OP_RDMA_WRITE)]
+    );
+    assert_eq!(events_until_quiet(&a.d, QUIET), [sq_drained(&qa)]);
+    let q = a.d.query_qp(&qa).unwrap();
+    assert_eq!((q.qp_state, q.sq_draining), (abi::QPS_SQD, 0));
+    let rc = poll_exact(&b.d, &mut b.cq, 2);
+    assert_eq!(
+        rc.iter()
+            .map(|c| (c.wr_id, c.status, c.opcode, c.byte_len, c.imm_data))
+            .collect::<Vec<_>>(),
+        [
+            (10, OK, abi::WC_OP_RECV, 1000, 0),
+            (11, OK, abi::WC_OP_RECV_RDMA_WITH_IMM, 300, 0x55)
+        ]
+    );
+    assert_eq!(b.buf.read_vec(16384, 4096), vec![0xee; 4096]);
+
+    // Back to RTS: the SEND posted in SQD runs into receive 12.
+    let (attr, mask) = err_attr(abi::QPS_RTS);
+    a.d.modify_qp(&qa, &attr, mask).unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 1)),
+        [(4, OK, abi::WC_OP_SEND)]
+    );
+    let rc = poll_exact(&b.d, &mut b.cq, 1);
+    assert_eq!(
+        (rc[0].wr_id, rc[0].status, rc[0].opcode, rc[0].byte_len),
+        (12, OK, abi::WC_OP_RECV, 64)
+    );
+    let src = pattern(61, 64 << 10);
+    let mut want = vec![0xee; 64 << 10];
+    want[..1000].copy_from_slice(&src[..1000]);
+    want[8192..8692].copy_from_slice(&src[1000..1500]);
+    want[12288..12588].copy_from_slice(&src[1500..1800]);
+    want[16384..16448].copy_from_slice(&src[4096..4160]);
+    assert!(b.buf.to_vec() == want, "responder memory differs");
+    assert_no_events(&a.d, QUIET);
+    assert_no_events(&b.d, Duration::ZERO);
+}
+
+/// IB SQD with lost requests: the responder drops everything (its QP is still in INIT), so the
+/// requester's operations — a SEND, a WRITE and two READs, the second held back by
+/// `max_rd_atomic` 1 — time out and are retransmitted (go back N) while the requester is in
+/// SQD. Once the responder is ready, they all complete, in order and with their data, and then
+/// EV_SQ_DRAINED comes, once; a SEND posted in SQD waits for RTS.
+#[test]
+fn sqd_retransmits_after_ack_timeouts() {
+    let (f, mut a, mut b) = two(64 << 10);
+    a.buf.fill_pattern(62);
+    b.buf.fill_pattern(63);
+    let a_before = a.buf.to_vec();
+    let b_before = b.buf.to_vec();
+    let mut qa = a.qp(|_| {});
+    let mut qb = b.qp(|_| {});
+    let pa = a.params(&b, &qb, |p| {
+        p.timeout = 13; // 4.096 µs × 2^13 ≈ 34 ms
+        p.retry_cnt = 7;
+        p.max_rd_atomic = 1;
+    });
+    let pb = b.params(&a, &qa, |_| {});
+    rc_to_state(&a.d, &qa, &pa, abi::QPS_RTS);
+    rc_to_state(&b.d, &qb, &pb, abi::QPS_INIT);
+    b.d.post_recv(
+        &mut qb,
+        &[
+            RecvWr::new(10, &[b.mr.sge(0, 2048)]),
+            RecvWr::new(11, &[b.mr.sge(2048, 2048)]),
+        ],
+    )
+    .unwrap();
+    let delivered = || f.stats().delivered;
+    let before = delivered();
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::send(1, &[a.mr.sge(0, 1000)]),
+            SendWr::write(2, &[a.mr.sge(1000, 500)], b.mr.addr(8192), b.mr.rkey),
+            SendWr::read(3, &[a.mr.sge(16384, 700)], b.mr.addr(20480), b.mr.rkey),
+            SendWr::read(4, &[a.mr.sge(24576, 300)], b.mr.addr(28672), b.mr.rkey),
+        ],
+    )
+    .unwrap();
+    // SEND, WRITE and the first READ are on the wire (and dropped); the second READ waits for
+    // the first.
+    assert!(wait_until(LONG, || delivered() >= before + 3));
+    let (attr, mask) = err_attr(abi::QPS_SQD);
+    a.d.modify_qp(&qa, &attr, mask).unwrap();
+    let in_sqd = delivered();
+    a.d.post_send(&mut qa, &[SendWr::send(5, &[a.mr.sge(4096, 64)])])
+        .unwrap();
+    // An ACK timeout in SQD: the three are sent again.
+    assert!(
+        wait_until(LONG, || delivered() >= in_sqd + 3),
+        "no retransmission in SQD"
+    );
+    assert_cq_empty(&a.d, &mut a.cq, Duration::ZERO);
+    assert_eq!(a.d.query_qp(&qa).unwrap().sq_draining, 1);
+    // The responder becomes ready; the next retransmission gets through.
+    b.d.modify_qp(&qb, &pb.rtr_attr().0, pb.rtr_attr().1)
+        .unwrap();
+    b.d.modify_qp(&qb, &pb.rts_attr().0, pb.rts_attr().1)
+        .unwrap();
+    assert_eq!(
+        keys(&a.d.poll_cq_until(&mut a.cq, 4, LONG)),
+        [
+            (1, OK, abi::WC_OP_SEND),
+            (2, OK, abi::WC_OP_RDMA_WRITE),
+            (3, OK, abi::WC_OP_RDMA_READ),
+            (4, OK, abi::WC_OP_RDMA_READ)
+        ]
+    );
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    assert_eq!(events_until_quiet(&a.d, QUIET), [sq_drained(&qa)]);
+    assert_eq!(a.d.qp_state(&qa).unwrap(), abi::QPS_SQD);
+    let rc = poll_exact(&b.d, &mut b.cq, 1);
+    assert_eq!(
+        (rc[0].wr_id, rc[0].status, rc[0].opcode, rc[0].byte_len),
+        (10, OK, abi::WC_OP_RECV, 1000)
+    );
+    // Back to RTS: the SEND posted in SQD takes receive 11.
+    let (attr, mask) = err_attr(abi::QPS_RTS);
+    a.d.modify_qp(&qa, &attr, mask).unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 1)),
+        [(5, OK, abi::WC_OP_SEND)]
+    );
+    let rc = poll_exact(&b.d, &mut b.cq, 1);
+    assert_eq!(
+        (rc[0].wr_id, rc[0].status, rc[0].opcode, rc[0].byte_len),
+        (11, OK, abi::WC_OP_RECV, 64)
+    );
+    let mut want_b = b_before.clone();
+    want_b[..1000].copy_from_slice(&a_before[..1000]);
+    want_b[8192..8692].copy_from_slice(&a_before[1000..1500]);
+    want_b[2048..2112].copy_from_slice(&a_before[4096..4160]);
+    assert!(b.buf.to_vec() == want_b, "responder memory differs");
+    let mut want_a = a_before.clone();
+    want_a[16384..17084].copy_from_slice(&b_before[20480..21180]);
+    want_a[24576..24876].copy_from_slice(&b_before[28672..28972]);
+    assert!(a.buf.to_vec() == want_a, "requester memory differs");
+    assert_no_events(&a.d, QUIET);
+    assert_no_events(&b.d, Duration::ZERO);
+}

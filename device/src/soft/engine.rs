@@ -333,12 +333,18 @@ impl SoftBackend {
     }
 
     /// Sends what the QP may send now.
+    ///
+    /// In SQD too: SQD stops the *core* from fetching new WQEs (`State::process_sq` fetches in
+    /// RTS only), so every operation held here was fetched — started, with its PSNs assigned —
+    /// before the QP left RTS. Those run to completion as in RTS, including retransmissions
+    /// (RNR retry, go-back-N after a sequence NAK or an ACK timeout) and operations the
+    /// READ/atomic depth or a fence held back; EV_SQ_DRAINED waits for all of them.
     fn pump(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
         loop {
             let Some(qp) = self.qps.get_mut(&qpn) else {
                 return;
             };
-            if qp.info.state != abi::QPS_RTS || qp.rnr_wait {
+            if !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD) || qp.rnr_wait {
                 return;
             }
             // A malformed WR completes, in order, once everything before it has.
