@@ -13,7 +13,7 @@ use vrdma_abi as abi;
 
 use crate::error::{ActivateError, DeviceError};
 use crate::interrupt::Interrupt;
-use crate::persist::{MigrationError, MigrationState};
+use crate::persist::{MigrationError, MigrationState, PrecopyState};
 use crate::soft::{Port, SoftFabric};
 use crate::{state::State, GuestMemoryMmap};
 
@@ -91,7 +91,7 @@ impl DeviceConfig {
         abi::Gid { raw }
     }
 
-    fn validate(&self) -> Result<(), DeviceError> {
+    pub(crate) fn validate(&self) -> Result<(), DeviceError> {
         let check = |ok: bool, what: &'static str| {
             if ok {
                 Ok(())
@@ -426,15 +426,43 @@ impl Vrdma {
         Ok(st.save())
     }
 
+    /// Pre-copy: saves the part of the state that rarely changes (the MR table) while the
+    /// device keeps running, and remembers it. The next [`Vrdma::save`] then holds only what
+    /// changed since (exactly: every change of an MR slot counts), so the stop-time blob is
+    /// smaller and quicker to save and restore; the destination loads this blob beforehand
+    /// ([`PrecopyState::load`]) and passes it to [`Vrdma::restore_with_precopy`]. Calling it
+    /// again replaces the previous pre-copy; [`Vrdma::resume`] (an aborted migration) forgets
+    /// it. Takes the device lock for about as long as saving the MR table takes.
+    pub fn save_precopy(&self) -> Result<Vec<u8>, MigrationError> {
+        self.refuse_if_moved("save_precopy")?;
+        Ok(self.lock().save_precopy())
+    }
+
     /// Builds a device from a saved blob over `mem` (a copy of the source's guest memory),
     /// raising interrupts through `irq`. The new device is Stopped and not yet reachable on the
     /// fabric: [`Vrdma::resume`] makes it take over the source's GID. Every value in the blob
-    /// is validated; a bad blob is an error and changes nothing.
+    /// is validated; a bad blob is an error and changes nothing. A blob saved after a
+    /// pre-copy needs [`Vrdma::restore_with_precopy`].
     pub fn restore(
         fabric: &Arc<SoftFabric>,
         mem: Arc<GuestMemoryMmap>,
         irq: Arc<dyn Interrupt>,
         blob: &[u8],
+    ) -> Result<Arc<Self>, MigrationError> {
+        Self::restore_with_precopy(fabric, mem, irq, blob, None)
+    }
+
+    /// [`Vrdma::restore`] for a blob saved after a pre-copy ([`Vrdma::save_precopy`]):
+    /// `precopy` is that pre-copy, loaded over a memory of `mem`'s layout. A blob that does not
+    /// build on a pre-copy ignores `precopy`; one that builds on another pre-copy (or on one
+    /// loaded for another configuration or memory layout) is refused with
+    /// [`MigrationError::Precopy`].
+    pub fn restore_with_precopy(
+        fabric: &Arc<SoftFabric>,
+        mem: Arc<GuestMemoryMmap>,
+        irq: Arc<dyn Interrupt>,
+        blob: &[u8],
+        precopy: Option<PrecopyState>,
     ) -> Result<Arc<Self>, MigrationError> {
         let parsed = crate::persist::parse(blob)?;
         let cfg = parsed.cfg.clone();
@@ -444,7 +472,7 @@ impl Vrdma {
         let mut err = None;
         let dev = Arc::new_cyclic(|weak| {
             let port = Port::new(fabric.clone(), cfg.gid, weak.clone());
-            let state = match State::restore(&parsed, port.clone(), mem, irq) {
+            let state = match State::restore(&parsed, port.clone(), mem, irq, precopy) {
                 Ok(mut s) => {
                     s.mig = MigrationState::Stopped;
                     s
@@ -501,6 +529,9 @@ impl Vrdma {
                 }
             }
             st.mig = MigrationState::Running;
+            // A pre-copy belongs to one migration attempt: after an abort, the next save is
+            // complete unless a new pre-copy is taken.
+            st.precopy = None;
             self.port.set_paused(false);
             st.kick_all(restored);
             st.take_fabric_work()

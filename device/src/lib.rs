@@ -33,7 +33,7 @@ pub mod tables;
 pub use device::{DeviceConfig, Vrdma};
 pub use error::{ActivateError, DeviceError};
 pub use interrupt::{EventFdInterrupt, Interrupt, InterruptKind};
-pub use persist::{MigrationError, MigrationState};
+pub use persist::{MigrationError, MigrationState, PrecopyState};
 
 /// Guest memory as the device sees it: mmap-backed, with a dirty bitmap so that every write the
 /// device makes is visible to a VMM's migration loop.

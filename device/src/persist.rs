@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! offset  size  field
-//! 0       8     magic "VRDMAMIG"
+//! 0       8     magic "VRDMAMIG" ("VRDMAPRE" for a pre-copy blob)
 //! 8       4     format version (u32 LE) = 1
 //! 12      4     section count (u32 LE)
 //! 16      8     body length in bytes (u64 LE)
@@ -15,17 +15,23 @@
 //! ```
 //!
 //! Each section is `name_len: u16 LE, name (UTF-8), version: u32 LE, len: u32 LE, data`, where
-//! `data` is the section's postcard encoding. Sections of version 1: `config` (limits and GID),
-//! `virtio` (accepted features, the queues' state), `core` (every resource table with its
-//! handles, ring indices, CQ arming, pending events, moderation) and `backend` (the soft
-//! transport's per-QP PSNs, operations in flight and responder state). Every section is
-//! required; an unknown section, a section version this build does not read, trailing bytes or
-//! a bad checksum refuse the blob. `docs/migration.md` gives the versioning rules.
+//! `data` is the section's postcard encoding. A device blob has the sections `config` (limits
+//! and GID, v1), `virtio` (accepted features, the queues' state, v1), `core` (every resource
+//! table but the MRs with its handles, ring indices, CQ arming, pending events, moderation, v2;
+//! v1 also held the MR table and is still read), `backend` (the soft transport's per-QP PSNs,
+//! operations in flight and responder state, v1) and `mrs` (the MR table, v1: complete, or only
+//! what changed since a pre-copy). A pre-copy blob ([`Vrdma::save_precopy`]) has `config`,
+//! `precopy` (its id) and `mrs` (complete). Every section is required; an unknown section, a
+//! section version this build does not read, trailing bytes or a bad checksum refuse the blob.
+//! `docs/migration.md` gives the versioning rules.
 //!
 //! Restoring treats the blob like guest input: every handle, count, index, page and segment is
 //! validated again (the same checks the control path applies), reference counts and page
 //! totals are recomputed rather than trusted, and any inconsistency is a [`MigrationError`].
+//!
+//! [`Vrdma::save_precopy`]: crate::Vrdma::save_precopy
 
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -40,11 +46,13 @@ use crate::ring::Ring;
 use crate::soft::engine::{BackendSnapshot, QpLimits, SoftBackend};
 use crate::soft::Port;
 use crate::state::{Ah, Core, Cq, Moderation, Pd, Qp, State};
-use crate::tables::{HandleTable, TableSnapshot};
+use crate::tables::{HandleTable, TableSnapshot, TableVersion};
 use crate::GuestMemoryMmap;
 
 /// Magic bytes at the start of every state blob.
 pub const MAGIC: [u8; 8] = *b"VRDMAMIG";
+/// Magic bytes at the start of every pre-copy blob ([`crate::Vrdma::save_precopy`]).
+pub const PRECOPY_MAGIC: [u8; 8] = *b"VRDMAPRE";
 /// The blob format version this build writes (and the only one it reads).
 pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 32;
@@ -102,6 +110,10 @@ pub enum MigrationError {
     /// The fabric refused the step (e.g. the device's GID is already taken).
     #[error("fabric: {0}")]
     Fabric(String),
+    /// The blob was saved after a pre-copy, and the pre-copy state given to restore is missing
+    /// or is not that pre-copy (another id, device configuration or memory layout).
+    #[error("pre-copy state: {0}")]
+    Precopy(String),
 }
 
 impl MigrationState {
@@ -183,24 +195,35 @@ struct VirtioSection {
     queues: Option<Vec<QueueSnapshot>>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+// The saved structures come in pairs: an owned one that restore decodes (`…Snapshot`) and a
+// borrowed one that save encodes straight from the live state without copying it (`…Out`).
+// Both MUST list the same fields, of the same types, in the same order: they are one encoding.
+
+#[derive(Clone, Debug, Deserialize)]
 struct RingSnapshot {
     pages: Vec<u64>,
     depth: u32,
     stride: u32,
 }
 
-impl From<&Ring> for RingSnapshot {
-    fn from(r: &Ring) -> Self {
+#[derive(Serialize)]
+struct RingOut<'a> {
+    pages: &'a [u64],
+    depth: u32,
+    stride: u32,
+}
+
+impl<'a> From<&'a Ring> for RingOut<'a> {
+    fn from(r: &'a Ring) -> Self {
         Self {
-            pages: r.pages.clone(),
+            pages: &r.pages,
             depth: r.depth,
             stride: r.stride,
         }
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct MrSnapshot {
     pd: u32,
     access: u32,
@@ -210,7 +233,28 @@ struct MrSnapshot {
     pages: Vec<u64>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize)]
+struct MrOut<'a> {
+    pd: u32,
+    access: u32,
+    iova: u64,
+    length: u64,
+    page_shift: u32,
+    pages: &'a [u64],
+}
+
+fn mr_out(m: &Mr) -> MrOut<'_> {
+    MrOut {
+        pd: m.pd,
+        access: m.access,
+        iova: m.iova,
+        length: m.length,
+        page_shift: m.page_shift,
+        pages: &m.pages,
+    }
+}
+
+#[derive(Debug, Deserialize)]
 struct CqSnapshot {
     ring: RingSnapshot,
     prod: u32,
@@ -220,7 +264,17 @@ struct CqSnapshot {
     overflow: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize)]
+struct CqOut<'a> {
+    ring: RingOut<'a>,
+    prod: u32,
+    armed: u32,
+    arm_seq: Option<u32>,
+    sol_pos: Option<u32>,
+    overflow: bool,
+}
+
+#[derive(Debug, Deserialize)]
 struct QpSnapshot {
     qp_type: u8,
     pd: u32,
@@ -237,8 +291,58 @@ struct QpSnapshot {
     rq_cons: u32,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize)]
+struct QpOut<'a> {
+    qp_type: u8,
+    pd: u32,
+    send_cq: u32,
+    recv_cq: u32,
+    sq_sig_all: bool,
+    sq: RingOut<'a>,
+    rq: RingOut<'a>,
+    max_send_sge: u32,
+    max_recv_sge: u32,
+    max_inline: u32,
+    attr: abi::QpAttr,
+    sq_cons: u32,
+    rq_cons: u32,
+}
+
+/// The `core` section, version 2 (the MR table moved to its own section, `mrs`).
+#[derive(Debug, Deserialize)]
 struct CoreSection {
+    db_gpa: Option<u64>,
+    pds: TableSnapshot<()>,
+    cqs: TableSnapshot<CqSnapshot>,
+    qps: TableSnapshot<QpSnapshot>,
+    ahs: TableSnapshot<(u32, abi::AhAttr)>,
+    events: Vec<abi::Event>,
+    events_dropped: u64,
+    draining: Vec<u32>,
+    moderation_max_events: u32,
+    moderation_usec: u32,
+    moderation_pending: u32,
+}
+
+#[derive(Serialize)]
+struct CoreOut<'a, P, C, Q, A> {
+    db_gpa: Option<u64>,
+    pds: P,
+    cqs: C,
+    qps: Q,
+    ahs: A,
+    events: &'a std::collections::VecDeque<abi::Event>,
+    events_dropped: u64,
+    draining: &'a [u32],
+    moderation_max_events: u32,
+    moderation_usec: u32,
+    moderation_pending: u32,
+}
+
+/// The `core` section, version 1 (format version 1 as first released): read, converted to
+/// version 2 plus a complete `mrs` section.
+#[derive(Debug, Deserialize)]
+struct CoreSectionV1 {
     db_gpa: Option<u64>,
     pds: TableSnapshot<()>,
     mrs: TableSnapshot<MrSnapshot>,
@@ -253,52 +357,138 @@ struct CoreSection {
     moderation_pending: u32,
 }
 
+impl CoreSectionV1 {
+    fn upgrade(self) -> (CoreSection, MrsSection) {
+        let core = CoreSection {
+            db_gpa: self.db_gpa,
+            pds: self.pds,
+            cqs: self.cqs,
+            qps: self.qps,
+            ahs: self.ahs,
+            events: self.events,
+            events_dropped: self.events_dropped,
+            draining: self.draining,
+            moderation_max_events: self.moderation_max_events,
+            moderation_usec: self.moderation_usec,
+            moderation_pending: self.moderation_pending,
+        };
+        (core, MrsSection::Full(self.mrs))
+    }
+}
+
+/// The `mrs` section (version 1).
+#[derive(Debug, Deserialize)]
+enum MrsSection {
+    /// Every MR.
+    Full(TableSnapshot<MrSnapshot>),
+    /// Relative to the pre-copy `precopy`: the table's keys and free list are complete, `mrs`
+    /// holds the MRs whose slot changed after the pre-copy was taken; every other MR is the
+    /// pre-copy's.
+    Delta {
+        precopy: u64,
+        mrs: TableSnapshot<MrSnapshot>,
+    },
+}
+
+#[derive(Serialize)]
+enum MrsOut<V> {
+    Full(V),
+    Delta { precopy: u64, mrs: V },
+}
+
+/// What the source remembers of its last pre-copy: the id the destination knows it by and the
+/// MR table's version when it was taken.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PrecopyBase {
+    id: u64,
+    mrs: TableVersion,
+}
+
+/// A random pre-copy id (std's randomly keyed hasher; no id repeats in practice).
+fn random_id() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Framing
 // ---------------------------------------------------------------------------------------------
 
-const SECTIONS: [&str; 4] = ["config", "virtio", "core", "backend"];
+/// Sections of a device blob with the versions this build reads (the first one is written).
+const SECTIONS: &[(&str, &[u32])] = &[
+    ("config", &[1]),
+    ("virtio", &[1]),
+    ("core", &[2, 1]),
+    ("backend", &[1]),
+    ("mrs", &[1]),
+];
+/// Sections of a pre-copy blob.
+const PRECOPY_SECTIONS: &[(&str, &[u32])] = &[("config", &[1]), ("precopy", &[1]), ("mrs", &[1])];
 
-fn section<T: Serialize>(name: &'static str, value: &T) -> (&'static str, Vec<u8>) {
-    let mut v = Vec::new();
-    encode_section(&mut v, name, value);
-    (name, v)
+/// Writes a blob: header, then sections encoded straight into the output buffer.
+struct BlobWriter {
+    out: Vec<u8>,
+    count: u32,
 }
 
-fn encode_section<T: Serialize>(out: &mut Vec<u8>, name: &str, value: &T) {
-    let data = postcard::to_stdvec(value).expect("serializing plain data into memory");
-    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(&1u32.to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&data);
-}
-
-fn frame(sections: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let body_len: usize = sections.iter().map(|(_, b)| b.len()).sum();
-    let mut out = Vec::with_capacity(HEADER_LEN + body_len);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(body_len as u64).to_le_bytes());
-    let mut crc = crc32fast::Hasher::new();
-    for (_, b) in sections {
-        crc.update(b);
+impl BlobWriter {
+    fn new(magic: [u8; 8], capacity: usize) -> Self {
+        let mut out = Vec::with_capacity(HEADER_LEN + capacity);
+        out.extend_from_slice(&magic);
+        out.resize(HEADER_LEN, 0);
+        Self { out, count: 0 }
     }
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    for (_, b) in sections {
-        out.extend_from_slice(b);
+
+    fn section<T: Serialize>(&mut self, name: &str, version: u32, value: &T) {
+        let out = &mut self.out;
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let start = out.len();
+        self.out = postcard::to_extend(value, std::mem::take(&mut self.out))
+            .expect("serializing plain data into memory");
+        let len = (self.out.len() - start) as u32;
+        self.out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+        self.count += 1;
     }
-    out
+
+    fn finish(mut self) -> Vec<u8> {
+        let body_len = (self.out.len() - HEADER_LEN) as u64;
+        let crc = crc32fast::hash(&self.out[HEADER_LEN..]);
+        let h = &mut self.out[8..HEADER_LEN];
+        h[0..4].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[4..8].copy_from_slice(&self.count.to_le_bytes());
+        h[8..16].copy_from_slice(&body_len.to_le_bytes());
+        h[16..20].copy_from_slice(&crc.to_le_bytes());
+        self.out
+    }
 }
 
-/// Splits a blob into its sections, checking magic, version, length and checksum.
-fn unframe(blob: &[u8]) -> Result<Vec<(String, &[u8])>, MigrationError> {
+/// One section of a checked blob.
+struct Section<'a> {
+    name: String,
+    version: u32,
+    data: &'a [u8],
+}
+
+/// Splits a blob into its sections, checking magic, version, length, checksum, and that each
+/// section is one of `known`, of a version listed there, and present once.
+fn unframe<'a>(
+    blob: &'a [u8],
+    magic: [u8; 8],
+    known: &[(&str, &[u32])],
+) -> Result<Vec<Section<'a>>, MigrationError> {
     if blob.len() < HEADER_LEN {
         return Err(MigrationError::Truncated("header"));
     }
-    if blob[0..8] != MAGIC {
+    if blob[0..8] != magic {
         return Err(MigrationError::BadMagic);
     }
     let u32_at = |o: usize| u32::from_le_bytes(blob[o..o + 4].try_into().expect("4 bytes"));
@@ -318,9 +508,9 @@ fn unframe(blob: &[u8]) -> Result<Vec<(String, &[u8])>, MigrationError> {
     if crc32fast::hash(body) != u32_at(24) {
         return Err(MigrationError::Checksum);
     }
-    let mut out: Vec<(String, &[u8])> = Vec::new();
+    let mut out: Vec<Section<'a>> = Vec::new();
     let mut rest = body;
-    let mut take = |n: usize, what: &'static str| -> Result<&[u8], MigrationError> {
+    let mut take = |n: usize, what: &'static str| -> Result<&'a [u8], MigrationError> {
         if rest.len() < n {
             return Err(MigrationError::Truncated(what));
         }
@@ -328,7 +518,7 @@ fn unframe(blob: &[u8]) -> Result<Vec<(String, &[u8])>, MigrationError> {
         rest = b;
         Ok(a)
     };
-    for _ in 0..count.min(SECTIONS.len() + 1) {
+    for _ in 0..count.min(known.len() + 1) {
         let nl = u16::from_le_bytes(take(2, "section name")?.try_into().expect("2")) as usize;
         let name = String::from_utf8(take(nl, "section name")?.to_vec())
             .map_err(|_| invalid("section name is not UTF-8"))?;
@@ -339,16 +529,20 @@ fn unframe(blob: &[u8]) -> Result<Vec<(String, &[u8])>, MigrationError> {
             section: name.clone(),
             reason,
         };
-        if !SECTIONS.contains(&name.as_str()) {
+        let Some((_, versions)) = known.iter().find(|(n, _)| *n == name) else {
             return Err(section_err("unknown section".into()));
-        }
-        if sv != 1 {
+        };
+        if !versions.contains(&sv) {
             return Err(section_err(format!("unsupported section version {sv}")));
         }
-        if out.iter().any(|(n, _)| *n == name) {
+        if out.iter().any(|s| s.name == name) {
             return Err(section_err("duplicated".into()));
         }
-        out.push((name, data));
+        out.push(Section {
+            name,
+            version: sv,
+            data,
+        });
     }
     if out.len() != count || !rest.is_empty() {
         return Err(invalid("section count does not match the body"));
@@ -356,18 +550,27 @@ fn unframe(blob: &[u8]) -> Result<Vec<(String, &[u8])>, MigrationError> {
     Ok(out)
 }
 
-fn decode<T: DeserializeOwned>(
-    sections: &[(String, &[u8])],
+fn find<'s, 'a>(
+    sections: &'s [Section<'a>],
     name: &'static str,
-) -> Result<T, MigrationError> {
-    let data = sections
+) -> Result<&'s Section<'a>, MigrationError> {
+    sections
         .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, d)| *d)
+        .find(|s| s.name == name)
         .ok_or(MigrationError::Section {
             section: name.into(),
             reason: "missing".into(),
-        })?;
+        })
+}
+
+fn decode<T: DeserializeOwned>(
+    sections: &[Section<'_>],
+    name: &'static str,
+) -> Result<T, MigrationError> {
+    decode_data(find(sections, name)?.data, name)
+}
+
+fn decode_data<T: DeserializeOwned>(data: &[u8], name: &'static str) -> Result<T, MigrationError> {
     let (v, rest) = postcard::take_from_bytes(data).map_err(|e| MigrationError::Section {
         section: name.into(),
         reason: e.to_string(),
@@ -386,7 +589,10 @@ fn decode<T: DeserializeOwned>(
 // ---------------------------------------------------------------------------------------------
 
 impl State {
-    /// Saves the device state. The device must be stopped (checked by the caller).
+    /// Saves the device state. The device must be stopped (checked by the caller). After a
+    /// pre-copy ([`State::save_precopy`]) of this very MR table, the `mrs` section holds only
+    /// what changed since; otherwise (no pre-copy, or the table was rebuilt by a reset) it is
+    /// complete.
     pub(crate) fn save(&self) -> Vec<u8> {
         let c = &self.core;
         let virtio = VirtioSection {
@@ -396,18 +602,10 @@ impl State {
                 .as_ref()
                 .map(|a| a.queues.iter().map(|q| q.state().into()).collect()),
         };
-        let core = CoreSection {
+        let core = CoreOut {
             db_gpa: c.db_gpa,
-            pds: c.pds.snapshot(|_| ()),
-            mrs: c.mrs.snapshot(|m| MrSnapshot {
-                pd: m.pd,
-                access: m.access,
-                iova: m.iova,
-                length: m.length,
-                page_shift: m.page_shift,
-                pages: m.pages.clone(),
-            }),
-            cqs: c.cqs.snapshot(|q| CqSnapshot {
+            pds: c.pds.serialize_since(None, |_| ()),
+            cqs: c.cqs.serialize_since(None, |q| CqOut {
                 ring: (&q.ring).into(),
                 prod: q.prod,
                 armed: q.armed,
@@ -415,7 +613,7 @@ impl State {
                 sol_pos: q.sol_pos,
                 overflow: q.overflow,
             }),
-            qps: c.qps.snapshot(|q| QpSnapshot {
+            qps: c.qps.serialize_since(None, |q| QpOut {
                 qp_type: q.qp_type,
                 pd: q.pd,
                 send_cq: q.send_cq,
@@ -430,22 +628,52 @@ impl State {
                 sq_cons: q.sq_cons,
                 rq_cons: q.rq_cons,
             }),
-            ahs: c.ahs.snapshot(|a| (a.pd, a.attr)),
-            events: c.events.iter().copied().collect(),
+            ahs: c.ahs.serialize_since(None, |a| (a.pd, a.attr)),
+            events: &c.events,
             events_dropped: c.events_dropped,
-            draining: c.draining.clone(),
+            draining: &c.draining,
             moderation_max_events: c.moderation.max_events,
             moderation_usec: c.moderation.usec,
             moderation_pending: c.moderation.pending,
         };
         let backend = self.backend.save();
-        let parts = [
-            section("config", &c.cfg),
-            section("virtio", &virtio),
-            section("core", &core),
-            section("backend", &backend),
-        ];
-        frame(&parts)
+        // Rough size: a few hundred bytes per QP and CQ; the MR table's share depends on the
+        // pre-copy.
+        let estimate = 4096 + 256 * (c.qps.len() + c.cqs.len()) as usize;
+        let mut w = BlobWriter::new(MAGIC, estimate);
+        w.section("config", 1, &c.cfg);
+        w.section("virtio", 1, &virtio);
+        w.section("core", 2, &core);
+        w.section("backend", 1, &backend);
+        match self.precopy.filter(|p| c.mrs.descends_from(p.mrs)) {
+            Some(p) => w.section(
+                "mrs",
+                1,
+                &MrsOut::Delta {
+                    precopy: p.id,
+                    mrs: c.mrs.serialize_since(Some(p.mrs), mr_out),
+                },
+            ),
+            None => w.section("mrs", 1, &MrsOut::Full(c.mrs.serialize_since(None, mr_out))),
+        }
+        w.finish()
+    }
+
+    /// Saves the rarely changing part of the state (the MR table) while the device runs, and
+    /// remembers it: the next [`State::save`] then carries only the MRs changed since.
+    pub(crate) fn save_precopy(&mut self) -> Vec<u8> {
+        let c = &self.core;
+        let id = random_id();
+        let estimate = 1024 + 48 * c.mrs.len() as usize;
+        let mut w = BlobWriter::new(PRECOPY_MAGIC, estimate);
+        w.section("config", 1, &c.cfg);
+        w.section("precopy", 1, &id);
+        w.section("mrs", 1, &MrsOut::Full(c.mrs.serialize_since(None, mr_out)));
+        self.precopy = Some(PrecopyBase {
+            id,
+            mrs: c.mrs.version(),
+        });
+        w.finish()
     }
 }
 
@@ -455,7 +683,7 @@ impl State {
 
 /// A blob whose framing (magic, version, length, checksum, section list) was checked.
 pub(crate) struct Blob<'a> {
-    sections: Vec<(String, &'a [u8])>,
+    sections: Vec<Section<'a>>,
     /// The saved configuration: the destination device is built with the same identity and
     /// limits.
     pub cfg: DeviceConfig,
@@ -464,9 +692,122 @@ pub(crate) struct Blob<'a> {
 /// Checks a blob's framing and decodes its configuration; the rest is decoded and validated by
 /// [`State::restore`].
 pub(crate) fn parse(blob: &[u8]) -> Result<Blob<'_>, MigrationError> {
-    let sections = unframe(blob)?;
+    let sections = unframe(blob, MAGIC, SECTIONS)?;
     let cfg = decode(&sections, "config")?;
     Ok(Blob { sections, cfg })
+}
+
+/// Decodes the `core` section and the MR table: `core` version 2 with the `mrs` section, or
+/// `core` version 1 (which holds the MR table; an `mrs` section is then refused).
+fn decode_core(sections: &[Section<'_>]) -> Result<(CoreSection, MrsSection), MigrationError> {
+    let core = find(sections, "core")?;
+    if core.version == 1 {
+        if sections.iter().any(|s| s.name == "mrs") {
+            return Err(MigrationError::Section {
+                section: "mrs".into(),
+                reason: "next to a version 1 core section, which holds the MRs".into(),
+            });
+        }
+        let v1: CoreSectionV1 = decode_data(core.data, "core")?;
+        return Ok(v1.upgrade());
+    }
+    Ok((decode_data(core.data, "core")?, decode(sections, "mrs")?))
+}
+
+/// The regions of a guest memory: what MR validation depends on.
+fn layout_of(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+/// Validates a saved MR against the device limits and guest memory and builds it. Its PD is
+/// checked separately (a pre-copied MR is built before the PD table is known).
+fn mr_from(mem: &GuestMemoryMmap, cfg: &DeviceConfig, m: MrSnapshot) -> Result<Mr, String> {
+    if m.access & !abi::ACCESS_ALL != 0
+        || m.length > cfg.max_mr_size
+        || m.pages.len() as u64 > cfg.max_mr_pages as u64
+    {
+        return Err("MR attributes out of range".into());
+    }
+    Mr::new(mem, m.pd, m.access, m.iova, m.length, m.page_shift, m.pages)
+        .map_err(|e| format!("MR pages: {e:?}"))
+}
+
+/// The destination's side of a pre-copy: the pre-copy blob ([`crate::Vrdma::save_precopy`])
+/// decoded and validated against the destination's guest memory while the source still runs,
+/// so that the restore during the downtime only applies what changed since
+/// ([`crate::Vrdma::restore_with_precopy`]).
+pub struct PrecopyState {
+    id: u64,
+    cfg: DeviceConfig,
+    layout: Vec<(u64, u64)>,
+    mrs: HandleTable<Mr>,
+}
+
+impl std::fmt::Debug for PrecopyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrecopyState")
+            .field("id", &self.id)
+            .field("mrs", &self.mrs.len())
+            .finish()
+    }
+}
+
+impl PrecopyState {
+    /// Loads a pre-copy blob for a destination whose guest memory has `mem`'s layout (its
+    /// contents do not matter yet). The blob is untrusted: framing, configuration and every MR
+    /// (attributes within the limits, pages inside guest memory, page budget) are checked as
+    /// on a full restore; a bad blob is an error.
+    pub fn load(mem: &GuestMemoryMmap, blob: &[u8]) -> Result<Self, MigrationError> {
+        let sections = unframe(blob, PRECOPY_MAGIC, PRECOPY_SECTIONS)?;
+        let cfg: DeviceConfig = decode(&sections, "config")?;
+        cfg.validate().map_err(|e| invalid(e.to_string()))?;
+        let id: u64 = decode(&sections, "precopy")?;
+        let MrsSection::Full(snap) = decode(&sections, "mrs")? else {
+            return Err(invalid("a pre-copy holds the complete MR table"));
+        };
+        let mut pages = 0u64;
+        let mrs = HandleTable::from_snapshot(cfg.max_mr, snap, |_, m| {
+            pages += m.pages.len() as u64;
+            mr_from(mem, &cfg, m)
+        })
+        .map_err(|e| invalid(format!("MR table: {e}")))?;
+        if pages > cfg.max_total_mr_pages {
+            return Err(invalid("page budgets exceeded"));
+        }
+        Ok(Self {
+            id,
+            cfg,
+            layout: layout_of(mem),
+            mrs,
+        })
+    }
+
+    /// The pre-copy's id (the blob saved at the stop names the pre-copy it builds on).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether a blob saved after pre-copy `id` of a device with `cfg` may build on this one,
+    /// restored over `mem`.
+    fn check(
+        &self,
+        id: u64,
+        cfg: &DeviceConfig,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), MigrationError> {
+        let e = |what: &str| Err(MigrationError::Precopy(what.into()));
+        if id != self.id {
+            return e("the blob builds on another pre-copy");
+        }
+        if *cfg != self.cfg {
+            return e("the device configuration differs from the pre-copy's");
+        }
+        if layout_of(mem) != self.layout {
+            return e("guest memory layout differs from the one the pre-copy was loaded for");
+        }
+        Ok(())
+    }
 }
 
 fn ring_from(
@@ -488,10 +829,11 @@ impl State {
         port: Arc<Port>,
         mem: Arc<GuestMemoryMmap>,
         irq: Arc<dyn Interrupt>,
+        precopy: Option<PrecopyState>,
     ) -> Result<State, MigrationError> {
         let (sections, cfg) = (&blob.sections, blob.cfg.clone());
         let virtio: VirtioSection = decode(sections, "virtio")?;
-        let core: CoreSection = decode(sections, "core")?;
+        let (core, mrs) = decode_core(sections)?;
         let backend: BackendSnapshot = decode(sections, "backend")?;
 
         if virtio.acked_features & !crate::device::AVAIL_FEATURES != 0 {
@@ -501,9 +843,16 @@ impl State {
         st.acked_features = virtio.acked_features;
         let Some(qs) = virtio.queues else {
             // Never activated: nothing else may be present.
+            // (A device pre-copied before it was ever activated saves an empty delta.)
+            let mrs_empty = match &mrs {
+                MrsSection::Full(t) => t.objs.is_empty(),
+                MrsSection::Delta { mrs: t, .. } => {
+                    t.objs.is_empty() && t.keys.is_empty() && t.free.is_empty()
+                }
+            };
             if core.db_gpa.is_some()
                 || !core.pds.objs.is_empty()
-                || !core.mrs.objs.is_empty()
+                || !mrs_empty
                 || !core.cqs.objs.is_empty()
                 || !core.qps.objs.is_empty()
                 || !core.ahs.objs.is_empty()
@@ -529,7 +878,7 @@ impl State {
             queues.push(q);
         }
         st.activate(mem.clone(), queues, irq);
-        st.core = restore_core(cfg, &mem, st.acked_features, core)?;
+        st.core = restore_core(cfg, &mem, st.acked_features, core, mrs, precopy)?;
         let c = &st.core;
         let limits = |qpn: u32| {
             c.qps.get(qpn).map(|q| QpLimits {
@@ -559,6 +908,8 @@ fn restore_core(
     mem_arc: &Arc<GuestMemoryMmap>,
     features: u64,
     s: CoreSection,
+    mrs: MrsSection,
+    precopy: Option<PrecopyState>,
 ) -> Result<Core, MigrationError> {
     let mem = mem_arc.as_ref();
     let mut core = Core::new(cfg.clone());
@@ -582,20 +933,28 @@ fn restore_core(
             .map(|_| ())
             .ok_or_else(|| format!("unknown PD {pd:#x}"))
     };
-    let mut mr_pages = 0u64;
-    core.mrs = HandleTable::from_snapshot(cfg.max_mr, s.mrs, |_, m| {
-        pd_ok(m.pd)?;
-        if m.access & !abi::ACCESS_ALL != 0
-            || m.length > cfg.max_mr_size
-            || m.pages.len() as u64 > cfg.max_mr_pages as u64
-        {
-            return Err("MR attributes out of range".into());
+    core.mrs = match mrs {
+        MrsSection::Full(snap) => {
+            HandleTable::from_snapshot(cfg.max_mr, snap, |_, m| mr_from(mem, &cfg, m))
         }
-        mr_pages += m.pages.len() as u64;
-        Mr::new(mem, m.pd, m.access, m.iova, m.length, m.page_shift, m.pages)
-            .map_err(|e| format!("MR pages: {e:?}"))
-    })
+        MrsSection::Delta { precopy: id, mrs } => {
+            let Some(pre) = precopy else {
+                return Err(MigrationError::Precopy(
+                    "the blob builds on a pre-copy, and none was given".into(),
+                ));
+            };
+            pre.check(id, &cfg, mem)?;
+            // The pre-copied MRs were validated when the pre-copy was loaded (same limits,
+            // same memory layout); the changed ones are validated here.
+            HandleTable::from_delta(cfg.max_mr, pre.mrs, mrs, |_, m| mr_from(mem, &cfg, m))
+        }
+    }
     .map_err(t("MR table"))?;
+    let mut mr_pages = 0u64;
+    for (h, m) in core.mrs.iter() {
+        pd_ok(m.pd).map_err(|e| invalid(format!("MR table: MR {h:#x}: {e}")))?;
+        mr_pages += m.pages.len() as u64;
+    }
     let mut ring_pages = 0u64;
     core.cqs = HandleTable::from_snapshot(cfg.max_cq, s.cqs, |_, c| {
         if c.ring.stride != abi::CQE_SIZE {
@@ -714,32 +1073,66 @@ fn restore_core(
 mod tests {
     use super::*;
 
+    const KNOWN: &[(&str, &[u32])] = &[("config", &[1]), ("virtio", &[1, 2]), ("core", &[1])];
+
+    fn blob_of(magic: [u8; 8], parts: &[(&str, u32)]) -> Vec<u8> {
+        let mut w = BlobWriter::new(magic, 0);
+        for (name, v) in parts {
+            w.section(name, *v, &7u32);
+        }
+        w.finish()
+    }
+
+    fn check(blob: &[u8]) -> Result<usize, MigrationError> {
+        unframe(blob, MAGIC, KNOWN).map(|s| s.len())
+    }
+
     #[test]
     fn framing_rejects_damage() {
-        let parts = [section("config", &7u32), section("virtio", &1u8)];
-        let blob = frame(&parts);
-        let s = unframe(&blob).unwrap();
+        let blob = blob_of(MAGIC, &[("config", 1), ("virtio", 2)]);
+        let s = unframe(&blob, MAGIC, KNOWN).unwrap();
         assert_eq!(s.len(), 2);
+        assert_eq!((s[1].name.as_str(), s[1].version), ("virtio", 2));
         assert_eq!(decode::<u32>(&s, "config").unwrap(), 7);
         assert!(matches!(
             decode::<u32>(&s, "core"),
             Err(MigrationError::Section { .. })
         ));
         for cut in 0..blob.len() {
-            assert!(unframe(&blob[..cut]).is_err(), "truncated at {cut}");
+            assert!(check(&blob[..cut]).is_err(), "truncated at {cut}");
         }
         let mut bad = blob.clone();
         bad[0] ^= 1;
-        assert_eq!(unframe(&bad), Err(MigrationError::BadMagic));
+        assert_eq!(check(&bad), Err(MigrationError::BadMagic));
+        // A pre-copy blob is not a device blob, and the other way round.
+        let pre = blob_of(PRECOPY_MAGIC, &[("config", 1)]);
+        assert_eq!(check(&pre), Err(MigrationError::BadMagic));
+        assert!(matches!(
+            unframe(&blob, PRECOPY_MAGIC, KNOWN),
+            Err(MigrationError::BadMagic)
+        ));
         let mut bad = blob.clone();
         bad[8] = 2;
-        assert_eq!(unframe(&bad), Err(MigrationError::UnsupportedVersion(2)));
+        assert_eq!(check(&bad), Err(MigrationError::UnsupportedVersion(2)));
         let mut bad = blob.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0x40;
-        assert_eq!(unframe(&bad), Err(MigrationError::Checksum));
+        assert_eq!(check(&bad), Err(MigrationError::Checksum));
         let mut long = blob.clone();
         long.push(0);
-        assert!(unframe(&long).is_err());
+        assert!(check(&long).is_err());
+        // Section versions: only the listed ones; names: known, once.
+        for parts in [
+            &[("config", 2)][..],
+            &[("virtio", 3)],
+            &[("cfg", 1)],
+            &[("config", 1), ("config", 1)],
+        ] {
+            let r = check(&blob_of(MAGIC, parts));
+            assert!(
+                matches!(r, Err(MigrationError::Section { .. })),
+                "{parts:?}"
+            );
+        }
     }
 }

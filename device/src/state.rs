@@ -148,6 +148,8 @@ pub(crate) struct State {
     pub active: Option<Active>,
     pub core: Core,
     pub backend: SoftBackend,
+    /// The last pre-copy of this migration attempt ([`State::save_precopy`]).
+    pub precopy: Option<crate::persist::PrecopyBase>,
     port: Arc<Port>,
 }
 
@@ -645,6 +647,7 @@ impl State {
             active: None,
             core: Core::new(cfg),
             backend: SoftBackend::new(port.clone()),
+            precopy: None,
             port,
         }
     }

@@ -914,6 +914,18 @@ impl MmioTransport {
         irq_evt: EventFd,
         blob: &[u8],
     ) -> Result<MmioTransport, TransportMigrationError> {
+        Self::restore_with_precopy(fabric, mem, irq_evt, blob, None)
+    }
+
+    /// [`MmioTransport::restore`] for a blob saved after a device pre-copy: the device is
+    /// restored with [`Vrdma::restore_with_precopy`] and `precopy`.
+    pub fn restore_with_precopy(
+        fabric: &Arc<SoftFabric>,
+        mem: Arc<GuestMemoryMmap>,
+        irq_evt: EventFd,
+        blob: &[u8],
+        precopy: Option<vrdma_device::PrecopyState>,
+    ) -> Result<MmioTransport, TransportMigrationError> {
         let snap = decode_state(blob)?;
         let status = snap.status;
         let interrupt_status = Arc::new(AtomicU32::new(snap.interrupt_status));
@@ -926,7 +938,7 @@ impl MmioTransport {
         // blob), then the registers against the device.
         check_registers(&snap, vrdma_device::device::AVAIL_FEATURES)?;
         let live = status & S_DRIVER_OK != 0 && status & S_NEEDS_RESET == 0;
-        let device = Vrdma::restore(fabric, mem.clone(), irq, &snap.device)?;
+        let device = Vrdma::restore_with_precopy(fabric, mem.clone(), irq, &snap.device, precopy)?;
         if device.acked_features() != snap.driver_features & device.avail_features() {
             return Err(invalid(
                 "the device's accepted features differ from DriverFeatures",

@@ -18,7 +18,7 @@ pub mod fabric_path;
 pub mod migrate_bench;
 pub mod perf;
 use vrdma_device::soft::SoftFabric;
-use vrdma_device::{DeviceConfig, GuestMemoryMmap, Vrdma};
+use vrdma_device::{DeviceConfig, GuestMemoryMmap, PrecopyState, Vrdma};
 use vrdma_glue::MmioTransport;
 
 /// The guest's view of its device: the MMIO window and the interrupt line.
@@ -139,6 +139,12 @@ pub struct MigrateTimes {
     pub downtime_us: u64,
     /// Size of the transport state blob (device blob included).
     pub state_bytes: usize,
+    /// Size of the device's pre-copy blob ([`Vm::precopy`]; 0 without a device pre-copy).
+    pub precopy_state_bytes: usize,
+    /// `Vrdma::save_precopy` on the running source (the device lock is held meanwhile).
+    pub precopy_save_us: u64,
+    /// `PrecopyState::load` on the destination (while the source runs).
+    pub precopy_load_us: u64,
 }
 
 /// Knobs of [`Vm::migrate_with`] and [`Precopy::stop_and_copy`].
@@ -225,25 +231,59 @@ impl Vm {
         let mut times = MigrateTimes::default();
         let stopped = self.quiesce_and_stop(opts, &mut times)?;
         times.stopped_copy_bytes = vrdma_device::dirty::copy_all(&self.mem, &dst);
-        self.finish_migration(fabric, dst, stopped, times)
+        self.finish_migration(fabric, dst, stopped, times, Ok(None))
     }
 
     /// Starts a pre-copy migration: clears the dirty log and copies all of guest memory while
-    /// the guest keeps running. Continue with [`Precopy::round`] and
-    /// [`Precopy::stop_and_copy`], then [`Precopy::finish`].
+    /// the guest keeps running, then pre-copies the device state (`Vrdma::save_precopy`, loaded
+    /// on the destination at once with `PrecopyState::load`). Continue with
+    /// [`Precopy::round`] and [`Precopy::stop_and_copy`], then [`Precopy::finish`].
     pub fn precopy(&self) -> Precopy<'_> {
+        self.precopy_with(true)
+    }
+
+    /// [`Vm::precopy`], with or without the device pre-copy (without it, the stop-time blob is
+    /// complete).
+    pub fn precopy_with(&self, device_precopy: bool) -> Precopy<'_> {
         let dst = Arc::new(memory_like(&self.mem));
         vrdma_device::dirty::start(&self.mem);
         let bytes = vrdma_device::dirty::copy_all(&self.mem, &dst);
+        let mut times = MigrateTimes {
+            precopy_bytes: bytes,
+            ..Default::default()
+        };
+        let device = if device_precopy {
+            self.precopy_device(&dst, &mut times).map(Some)
+        } else {
+            Ok(None)
+        };
         Precopy {
             src: self,
             dst,
-            times: MigrateTimes {
-                precopy_bytes: bytes,
-                ..Default::default()
-            },
+            times,
             stopped: None,
+            device,
         }
+    }
+
+    /// Pre-copies the device state: saved on the running source, loaded for `dst`.
+    fn precopy_device(
+        &self,
+        dst: &GuestMemoryMmap,
+        times: &mut MigrateTimes,
+    ) -> Result<PrecopyState, String> {
+        let t = Instant::now();
+        let blob = self
+            .device
+            .save_precopy()
+            .map_err(|e| format!("save_precopy: {e}"))?;
+        times.precopy_save_us = us(t.elapsed());
+        times.precopy_state_bytes = blob.len();
+        let t = Instant::now();
+        let state =
+            PrecopyState::load(dst, &blob).map_err(|e| format!("load pre-copy state: {e}"))?;
+        times.precopy_load_us = us(t.elapsed());
+        Ok(state)
     }
 
     /// Aborts a migration after `quiesce`/`stop`/`save`: the source device simply resumes.
@@ -275,17 +315,23 @@ impl Vm {
         Ok(stopped)
     }
 
-    /// Save, restore on `dst`, resume the destination; aborts (resumes the source) on errors.
+    /// Save, restore on `dst` (with the device pre-copy, if one was taken), resume the
+    /// destination; aborts (resumes the source) on errors.
     fn finish_migration(
         &self,
         fabric: &Arc<SoftFabric>,
         dst: Arc<GuestMemoryMmap>,
         stopped: Instant,
         mut times: MigrateTimes,
+        precopy: Result<Option<PrecopyState>, String>,
     ) -> Result<(Vm, MigrateTimes), String> {
         let abort = |what: String| {
             let _ = self.device.resume();
             Err(what)
+        };
+        let precopy = match precopy {
+            Ok(p) => p,
+            Err(e) => return abort(e),
         };
         let t = Instant::now();
         let blob = match self.transport.save_state() {
@@ -296,10 +342,11 @@ impl Vm {
         times.state_bytes = blob.len();
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let t = Instant::now();
-        let transport = match MmioTransport::restore(fabric, dst.clone(), irq, &blob) {
-            Ok(t) => Arc::new(t),
-            Err(e) => return abort(format!("restore: {e}")),
-        };
+        let transport =
+            match MmioTransport::restore_with_precopy(fabric, dst.clone(), irq, &blob, precopy) {
+                Ok(t) => Arc::new(t),
+                Err(e) => return abort(format!("restore: {e}")),
+            };
         times.restore_us = us(t.elapsed());
         let device = transport.device().clone();
         if let Err(e) = device.resume() {
@@ -324,6 +371,8 @@ pub struct Precopy<'a> {
     dst: Arc<GuestMemoryMmap>,
     times: MigrateTimes,
     stopped: Option<Instant>,
+    /// The device pre-copy, loaded for `dst` (`None`: not taken).
+    device: Result<Option<PrecopyState>, String>,
 }
 
 impl Precopy<'_> {
@@ -361,7 +410,7 @@ impl Precopy<'_> {
             return Err("finish before stop_and_copy".into());
         };
         self.src
-            .finish_migration(fabric, self.dst, stopped, self.times)
+            .finish_migration(fabric, self.dst, stopped, self.times, self.device)
     }
 
     /// Gives up: the source resumes (if it was stopped) and the destination memory is dropped.

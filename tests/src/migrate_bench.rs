@@ -5,7 +5,8 @@
 //! RDMA WRITE_WITH_IMM round robin over its QPs, the immediate carrying a per-QP sequence
 //! number; A consumes the receive completions, checks each QP's sequence and reposts receives.
 //! The main thread plays A's vCPU and its VMM: it runs A's receive loop, then migrates A with
-//! pre-copy (two rounds while traffic flows, then stop, final round, save, restore, resume),
+//! pre-copy (memory and the device's MR table, two memory rounds while traffic flows, then stop,
+//! final round, save, restore, resume),
 //! rebinds A's driver to the destination and runs the loop again. At the end B stops and A
 //! drains: every WR B posted must have arrived exactly once, in order.
 
@@ -32,8 +33,14 @@ pub struct MigrateStats {
     pub qps: u32,
     /// Extra MRs registered by the migrated guest.
     pub mrs: u32,
-    /// Size of the saved state (transport + device).
+    /// Size of the state saved at the stop (transport + device).
     pub state_bytes: usize,
+    /// Size of the device state pre-copied while the guest ran (the MR table).
+    pub precopy_state_bytes: usize,
+    /// Time to save the pre-copy on the running source (its device lock is held meanwhile).
+    pub precopy_save_us: u64,
+    /// Time to load the pre-copy on the destination (while the source runs).
+    pub precopy_load_us: u64,
     /// Time to save the state (device stopped).
     pub save_us: u64,
     /// Time to restore it into the new device.
@@ -262,6 +269,9 @@ pub fn migrate_bench(qps: u32, mrs: u32) -> Result<MigrateStats, String> {
         qps,
         mrs,
         state_bytes: times.state_bytes,
+        precopy_state_bytes: times.precopy_state_bytes,
+        precopy_save_us: times.precopy_save_us,
+        precopy_load_us: times.precopy_load_us,
         save_us: times.save_us,
         restore_us: times.restore_us,
         downtime_us: times.downtime_us,

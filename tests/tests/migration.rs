@@ -20,7 +20,7 @@ use vm_memory::GuestAddress;
 use vrdma_abi as abi;
 use vrdma_abi::{Cqe, Sge};
 use vrdma_device::soft::SoftFabric;
-use vrdma_device::{DeviceConfig, GuestMemoryMmap, MigrationError, MigrationState};
+use vrdma_device::{DeviceConfig, GuestMemoryMmap, MigrationError, MigrationState, PrecopyState};
 use vrdma_glue::mmio::{TransportMigrationError, STATE_HEADER_LEN};
 use vrdma_glue::MmioTransport;
 use vrdma_guest::{
@@ -1482,8 +1482,14 @@ fn bad_blobs_are_refused_and_the_source_resumes() {
     // Sections: unknown, missing, duplicated, of an unknown version, not decoding.
     let secs = sections(&dev);
     assert_eq!(
-        secs.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
-        ["config", "virtio", "core", "backend"]
+        secs.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>(),
+        [
+            ("config", 1),
+            ("virtio", 1),
+            ("core", 2),
+            ("backend", 1),
+            ("mrs", 1)
+        ]
     );
     let section_err = |s: Vec<(String, u32, Vec<u8>)>| {
         let r = restore(&with_device_blob(&blob, &device_blob(&s)));
@@ -1510,6 +1516,16 @@ fn bad_blobs_are_refused_and_the_source_resumes() {
     section_err(s);
     let mut s = secs.clone();
     s[3].2.push(0);
+    section_err(s);
+    // Core versions: 3 is unknown; 1 (which holds the MR table) next to an `mrs` section.
+    let mut s = secs.clone();
+    s[2].1 = 3;
+    section_err(s);
+    let mut s = secs.clone();
+    s[2].1 = 1;
+    section_err(s);
+    let mut s = secs.clone();
+    s.remove(4);
     section_err(s);
 
     // Limits the saved state exceeds (the configuration section rewritten): handles out of
@@ -1628,6 +1644,350 @@ fn bad_blobs_are_refused_and_the_source_resumes() {
     assert_eq!(b.buf.read_u64(32768), 1);
     assert_cq_empty(&a.d, &mut cq2, QUIET);
     assert_no_events(&a, &b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device pre-copy, blob versions
+// ---------------------------------------------------------------------------------------------
+
+/// The device pre-copy (the MR table, saved while the guest runs and loaded on the destination
+/// before the stop) followed by MR changes: an MR deregistered, one registered into the freed
+/// slot, and a slot reused until its key wrapped round to the very same rkey, now for a larger
+/// buffer with other access rights. The blob saved at the stop carries only the changes; the
+/// destination has exactly the source's MRs: the unchanged ones work, the new ones work with
+/// their new bounds and rights, the deregistered one is refused.
+#[test]
+fn mr_changes_after_the_precopy_reach_the_destination() {
+    let (fabric, va, vb) = two_vms();
+    let (mut a, mut b) = (guest(&va, 64 << 10), guest(&vb, 64 << 10));
+    let (mut qa, mut qb) = (a.qp(), b.qp());
+    connect(&a, &qa, &b, &qb);
+    let rw = abi::ACCESS_LOCAL_WRITE | abi::ACCESS_REMOTE_WRITE;
+    let mut spare = a.d.alloc_buffer(4096, Layout::Any).unwrap();
+    spare.fill_pattern(30);
+    let steady: Vec<Mr> = (0..200)
+        .map(|_| a.d.reg_mr(a.pd, &spare, abi::ACCESS_LOCAL_WRITE).unwrap())
+        .collect();
+    let mut gone_buf = a.d.alloc_buffer(4096, Layout::Any).unwrap();
+    gone_buf.fill(0x11);
+    let gone = a.d.reg_mr(a.pd, &gone_buf, rw).unwrap();
+    let small = a.d.alloc_buffer(4096, Layout::Any).unwrap();
+    let wrap = a.d.reg_mr(a.pd, &small, rw).unwrap();
+
+    let mut pre = va.precopy();
+    // Changes after the pre-copy, while the guest runs.
+    a.d.dereg_mr(gone).unwrap();
+    let mut fresh_buf = a.d.alloc_buffer(8192, Layout::Discontiguous).unwrap();
+    fresh_buf.fill(0x22);
+    let fresh = a.d.reg_mr(a.pd, &fresh_buf, rw).unwrap();
+    assert_eq!(abi::handle_index(fresh.rkey), abi::handle_index(gone.rkey));
+    assert_ne!(fresh.rkey, gone.rkey);
+    let mut big = a.d.alloc_buffer(16 << 10, Layout::Discontiguous).unwrap();
+    big.fill(0x33);
+    let mut w = wrap;
+    for i in 0..255 {
+        a.d.dereg_mr(w).unwrap();
+        w = if i < 254 {
+            a.d.reg_mr(a.pd, &small, rw).unwrap()
+        } else {
+            a.d.reg_mr(a.pd, &big, rw | abi::ACCESS_REMOTE_READ)
+                .unwrap()
+        };
+    }
+    assert_eq!(w.rkey, wrap.rkey, "the slot's key wrapped round");
+    assert_ne!((w.len, w.iova), (wrap.len, wrap.iova));
+    pre.round();
+    pre.stop_and_copy(&MigrateOptions::default()).unwrap();
+    let (vm2, t) = pre.finish(&fabric).unwrap();
+    assert_eq!(va.device.migration_state(), MigrationState::MigratedAway);
+    assert!(t.precopy_state_bytes > 200 * 20, "{t:?}");
+    // The stop-time blob holds 3 MRs of 203 (and 2 QPs, 2 CQs): far less than the pre-copy.
+    assert!(t.state_bytes < t.precopy_state_bytes, "{t:?}");
+    a.rebind_to(&vm2);
+    for buf in [&mut spare, &mut gone_buf, &mut fresh_buf, &mut big] {
+        buf.rebind(vm2.mem.clone());
+    }
+
+    // Pre-copied MRs work: a SEND gathers from one of them.
+    b.buf.fill(0);
+    b.d.post_recv(&mut qb, &[RecvWr::new(10, &[b.mr.sge(0, 4096)])])
+        .unwrap();
+    a.d.post_send(&mut qa, &[SendWr::send(1, &[steady[150].sge(0, 4096)])])
+        .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 1)),
+        [(1, OK, abi::WC_OP_SEND)]
+    );
+    assert_eq!(
+        keys(&poll_exact(&b.d, &mut b.cq, 1)),
+        [(10, OK, abi::WC_OP_RECV)]
+    );
+    assert_eq!(b.buf.read_vec(0, 4096), pattern(30, 4096));
+    // The new MRs, with the rights and bounds they have now: the whole fresh buffer, the end
+    // of the big buffer (beyond the small one the rkey named before), and a READ.
+    b.buf.fill_pattern(31);
+    let src = pattern(31, 64 << 10);
+    b.d.post_send(
+        &mut qb,
+        &[
+            SendWr::write(2, &[b.mr.sge(0, 8192)], fresh.iova, fresh.rkey),
+            SendWr::write(3, &[b.mr.sge(8192, 4096)], w.iova + 12288, w.rkey),
+            SendWr::read(4, &[b.mr.sge(32768, 8192)], w.iova + 8192, w.rkey),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&b.d, &mut b.cq, 3)),
+        [
+            (2, OK, abi::WC_OP_RDMA_WRITE),
+            (3, OK, abi::WC_OP_RDMA_WRITE),
+            (4, OK, abi::WC_OP_RDMA_READ)
+        ]
+    );
+    assert!(fresh_buf.to_vec() == src[..8192]);
+    let mut want = vec![0x33; 16 << 10];
+    want[12288..].copy_from_slice(&src[8192..12288]);
+    assert!(big.to_vec() == want);
+    assert_eq!(b.buf.read_vec(32768, 8192), want[8192..]);
+    // The deregistered MR is gone on the destination too.
+    b.d.post_send(
+        &mut qb,
+        &[SendWr::write(5, &[b.mr.sge(0, 64)], gone.iova, gone.rkey)],
+    )
+    .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&b.d, &mut b.cq, 1)),
+        [(5, abi::WC_REM_ACCESS_ERR, abi::WC_OP_RDMA_WRITE)]
+    );
+    assert!(gone_buf.to_vec() == vec![0x11; 4096]);
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+}
+
+/// A device that was never activated (no driver yet) migrates with a device pre-copy too, and
+/// the driver then brings it up on the destination.
+#[test]
+fn inactive_device_migrates_with_precopy() {
+    let (fabric, va, vb) = two_vms();
+    let mut b = guest(&vb, 64 << 10);
+    let mut pre = va.precopy();
+    pre.stop_and_copy(&MigrateOptions::default()).unwrap();
+    let (vm2, t) = pre.finish(&fabric).unwrap();
+    assert!(t.precopy_state_bytes > 0);
+    assert!(!vm2.device.is_active());
+    let mut a = guest(&vm2, 64 << 10);
+    let (mut qa, mut qb) = (a.qp(), b.qp());
+    connect(&a, &qa, &b, &qb);
+    a.buf.fill_pattern(50);
+    b.d.post_recv(&mut qb, &[RecvWr::new(10, &[b.mr.sge(0, 4096)])])
+        .unwrap();
+    a.d.post_send(&mut qa, &[SendWr::send(1, &[a.mr.sge(0, 1000)])])
+        .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 1)),
+        [(1, OK, abi::WC_OP_SEND)]
+    );
+    assert_eq!(
+        keys(&poll_exact(&b.d, &mut b.cq, 1)),
+        [(10, OK, abi::WC_OP_RECV)]
+    );
+    assert_eq!(b.buf.read_vec(0, 1000), pattern(50, 1000));
+}
+
+/// The byte offset of section `name` (its header) in a device blob, and its total length.
+fn section_span(dev: &[u8], name: &str) -> (usize, usize) {
+    let mut at = 32;
+    for (n, _, data) in sections(dev) {
+        let len = 2 + n.len() + 8 + data.len();
+        if n == name {
+            return (at, len);
+        }
+        at += len;
+    }
+    panic!("no section {name}");
+}
+
+/// Pre-copy misuse and bad pre-copy blobs: a blob saved after a pre-copy is refused without it,
+/// with an earlier pre-copy, or with one loaded for another memory layout; pre-copy and device
+/// blobs are not taken for each other; truncated, corrupted or mutated pre-copy blobs (and
+/// mutated `mrs` deltas) are refused or restore a consistent device, never panic. An aborted
+/// migration forgets its pre-copy: the next stop-and-copy blob is complete.
+#[test]
+fn precopy_misuse_and_bad_precopy_blobs_are_refused() {
+    use TransportMigrationError as T;
+    let (fabric, mut va, vb) = two_vms();
+    let (mut a, mut b) = (guest(&va, 64 << 10), guest(&vb, 64 << 10));
+    let (mut qa, mut qb) = (a.qp(), b.qp());
+    connect(&a, &qa, &b, &qb);
+    let extra: Vec<Mr> = (0..3)
+        .map(|_| a.d.reg_mr(a.pd, &a.buf, abi::ACCESS_LOCAL_WRITE).unwrap())
+        .collect();
+    let pre1 = va.device.save_precopy().unwrap();
+    let pre2 = va.device.save_precopy().unwrap();
+    assert_eq!(&pre2[..8], b"VRDMAPRE");
+    a.d.dereg_mr(extra[0]).unwrap();
+    va.device.quiesce().unwrap();
+    va.device.stop().unwrap();
+    let blob = va.transport.save_state().unwrap();
+    let dst = Arc::new(memory_like(&va.mem));
+    vrdma_device::dirty::copy_all(&va.mem, &dst);
+    let load = |bytes: &[u8]| PrecopyState::load(&dst, bytes);
+    let restore = |p: Option<PrecopyState>, bytes: &[u8]| {
+        MmioTransport::restore_with_precopy(&fabric, dst.clone(), new_evt(), bytes, p).map(drop)
+    };
+    let precopy_err = |r: Result<(), T>| {
+        assert!(
+            matches!(r, Err(T::Device(MigrationError::Precopy(_)))),
+            "{r:?}"
+        )
+    };
+    precopy_err(restore(None, &blob));
+    precopy_err(restore(Some(load(&pre1).unwrap()), &blob));
+    let other = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * RAM as usize)]).unwrap();
+    precopy_err(restore(
+        Some(PrecopyState::load(&other, &pre2).unwrap()),
+        &blob,
+    ));
+    // The other kind of blob.
+    let d = device_blob_at(&blob);
+    assert_eq!(load(&blob[d..]).unwrap_err(), MigrationError::BadMagic);
+    assert_eq!(
+        restore(None, &with_device_blob(&blob, &pre2)),
+        Err(T::Device(MigrationError::BadMagic))
+    );
+    // Truncated or corrupted pre-copy blobs.
+    for cut in 0..pre2.len() {
+        assert!(load(&pre2[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut bad = pre2.clone();
+    bad[40] ^= 1;
+    assert_eq!(load(&bad).unwrap_err(), MigrationError::Checksum);
+    // Every body byte of the pre-copy blob changed, checksum valid: refused, or loaded; a
+    // loaded one then restores the delta or is refused.
+    let (mut refused, mut accepted) = (0, 0);
+    for at in 32..pre2.len() {
+        for f in [|v: u8| v ^ 0xff, |v: u8| v.wrapping_add(1)] {
+            let mut bad = pre2.clone();
+            bad[at] = f(bad[at]);
+            let crc = crc32fast::hash(&bad[32..]);
+            bad[24..28].copy_from_slice(&crc.to_le_bytes());
+            match load(&bad) {
+                Ok(p) => {
+                    accepted += 1;
+                    let _ = restore(Some(p), &blob);
+                }
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    eprintln!("pre-copy mutations: {refused} refused, {accepted} loaded");
+    assert!(refused > accepted, "{refused} refused, {accepted} loaded");
+    // Every byte of the `mrs` delta changed (checksums valid), restored with the right
+    // pre-copy: refused, or a device that is resumed on a fabric of its own and survives use.
+    let (at, len) = section_span(&blob[d..], "mrs");
+    let (mut refused, mut accepted) = (0, 0);
+    let lab = SoftFabric::new();
+    for at in d + at..d + at + len {
+        for f in [|v: u8| v ^ 0xff, |v: u8| v.wrapping_add(1)] {
+            let mut bad = blob.clone();
+            bad[at] = f(bad[at]);
+            fix_crcs(&mut bad, d, true);
+            match MmioTransport::restore_with_precopy(
+                &lab,
+                dst.clone(),
+                new_evt(),
+                &bad,
+                Some(load(&pre2).unwrap()),
+            ) {
+                Ok(t) => {
+                    accepted += 1;
+                    t.device().resume().unwrap();
+                    t.queue_notify(abi::CTRLQ);
+                    t.queue_notify(abi::EVENTQ);
+                    t.write(0x70, &0u32.to_le_bytes());
+                }
+                Err(T::Device(_)) => refused += 1,
+                Err(e) => panic!("byte {at}: not a device error: {e}"),
+            }
+        }
+    }
+    eprintln!("mrs delta mutations: {refused} refused, {accepted} accepted");
+    assert!(refused > 0);
+    // With the right pre-copy it restores.
+    assert_eq!(restore(Some(load(&pre2).unwrap()), &blob), Ok(()));
+
+    // Abort: the source resumes and forgets the pre-copy; a plain stop-and-copy migration
+    // (complete blob, no pre-copy) then works, and so do the MRs.
+    va.abort_migration().unwrap();
+    migrate(&fabric, &mut va, &mut a);
+    a.buf.fill_pattern(40);
+    b.d.post_recv(&mut qb, &[RecvWr::new(10, &[b.mr.sge(0, 4096)])])
+        .unwrap();
+    a.d.post_send(&mut qa, &[SendWr::send(1, &[extra[2].sge(100, 500)])])
+        .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 1)),
+        [(1, OK, abi::WC_OP_SEND)]
+    );
+    let rc = poll_exact(&b.d, &mut b.cq, 1);
+    assert_eq!((rc[0].wr_id, rc[0].status, rc[0].byte_len), (10, OK, 500));
+    assert_eq!(b.buf.read_vec(0, 500), pattern(40, 600)[100..]);
+    assert_status(a.d.dereg_mr(extra[0]), abi::STATUS_BAD_HANDLE);
+}
+
+/// A device blob written by the first release (format 1 with `core` version 1, which held the
+/// MR table; `tests/tests/data/device-blob-v1.bin`: an RC QP with a SEND in flight and a
+/// posted receive, three MRs registered and one deregistered) is still restored, and saving the
+/// restored device converts it: `core` version 2 is the old `core` without the MR table, which
+/// moved unchanged into a complete `mrs` section.
+#[test]
+fn blobs_of_the_first_format_are_still_restored() {
+    let v1 = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/device-blob-v1.bin"
+    ))
+    .unwrap();
+    let old = sections(&v1);
+    assert_eq!(
+        old.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>(),
+        [("config", 1), ("virtio", 1), ("core", 1), ("backend", 1)]
+    );
+    let fabric = SoftFabric::new();
+    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap());
+    let evt = new_evt();
+    let irq = Arc::new(vrdma_device::EventFdInterrupt::new(evt));
+    let dev = vrdma_device::Vrdma::restore(&fabric, mem.clone(), irq.clone(), &v1).unwrap();
+    assert_eq!(dev.migration_state(), MigrationState::Stopped);
+    assert_eq!(dev.outstanding(), 1);
+    let new = sections(&dev.save().unwrap());
+    assert_eq!(
+        new.iter().map(|s| (s.0.as_str(), s.1)).collect::<Vec<_>>(),
+        [
+            ("config", 1),
+            ("virtio", 1),
+            ("core", 2),
+            ("backend", 1),
+            ("mrs", 1)
+        ]
+    );
+    for i in [0, 1, 3] {
+        assert_eq!(new[i], old[i]);
+    }
+    // `mrs` = variant 0 (complete) + the table as v1 held it, right after the PD table.
+    let (core1, core2, mrs) = (&old[2].2, &new[2].2, &new[4].2);
+    assert_eq!(mrs[0], 0);
+    let table = &mrs[1..];
+    let at = core1
+        .windows(table.len())
+        .position(|w| w == table)
+        .expect("the MR table inside core v1");
+    assert_eq!([&core1[..at], &core1[at + table.len()..]].concat(), *core2);
+    // An `mrs` section next to core version 1 is refused.
+    let mut both = old.clone();
+    both.push(new[4].clone());
+    assert!(matches!(
+        vrdma_device::Vrdma::restore(&fabric, mem, irq, &device_blob(&both)),
+        Err(MigrationError::Section { .. })
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
