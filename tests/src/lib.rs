@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub mod fabric_path;
 pub mod migrate_bench;
 pub mod perf;
+pub mod wire;
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::{DeviceConfig, GuestMemoryMmap, Vrdma};
 use vrdma_glue::MmioTransport;
