@@ -288,7 +288,7 @@ impl Reader<'_> {
     }
 }
 
-/// Checks the payload length rules of a layout. `padded` is payload + pad.
+/// Checks the payload length rules of a layout for `payload_len` bytes followed by `pad` bytes.
 fn check_payload(rule: PayloadRule, payload_len: usize, pad: usize) -> Result<(), WireError> {
     match rule {
         PayloadRule::Empty if payload_len + pad != 0 => Err(WireError::BadLength),
