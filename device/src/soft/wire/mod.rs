@@ -193,12 +193,36 @@ struct TxState {
     faults: Option<FaultState>,
 }
 
+struct Sockets {
+    /// Bound to `addr:port`: receives (the receive thread has its own handle) and sends
+    /// control messages.
+    rx: UdpSocket,
+    /// Source-port sockets and their ports.
+    tx: Vec<(UdpSocket, u16)>,
+}
+
+impl Sockets {
+    /// The socket for QP `qpn` (per-QP source-port entropy), its port and index.
+    fn for_qp(&self, qpn: u32, rx_port: u16) -> (&UdpSocket, u16, usize) {
+        if self.tx.is_empty() {
+            return (&self.rx, rx_port, usize::MAX);
+        }
+        let i = (qpn.wrapping_mul(0x9e37_79b9) >> 16) as usize % self.tx.len();
+        let (s, p) = &self.tx[i];
+        (s, *p, i)
+    }
+
+    fn by_index(&self, i: usize) -> &UdpSocket {
+        self.tx.get(i).map_or(&self.rx, |(s, _)| s)
+    }
+}
+
 /// A local address's RoCEv2 presence (see the module docs).
 pub struct WireGateway {
     cfg: WireConfig,
     gid: Gid,
-    rx_sock: UdpSocket,
-    tx_socks: Vec<(UdpSocket, u16)>,
+    /// The sockets; `None` once detached (closed, so the address is free again).
+    socks: RwLock<Option<Sockets>>,
     tx: Mutex<TxState>,
     /// GIDs whose device moved to another address (learned from resume messages).
     locations: RwLock<HashMap<Gid, SocketAddr>>,
@@ -251,7 +275,10 @@ fn wait_readable(sock: &UdpSocket, ms: i32) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
-fn open_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// A UDP socket bound to `addr` and set up as the gateway's are: IPv4 "don't fragment" with IP
+/// id 0 (so the ICRC covers a predictable header) and large buffers. Benchmarks use it for the
+/// raw-UDP floor, so both paths get the same socket.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = UdpSocket::bind(addr)?;
     // IPv4: DF set and IP id 0 for an unconnected socket, so the ICRC covers a header we can
     // predict. Large buffers: a 1 MiB message is hundreds of datagrams.
@@ -282,11 +309,11 @@ impl WireGateway {
         if cfg.addr.is_unspecified() || cfg.addr.is_multicast() {
             return Err(WireError::BadAddress(cfg.addr));
         }
-        let rx_sock = open_socket(SocketAddr::new(cfg.addr, cfg.port))?;
+        let rx_sock = udp_socket(SocketAddr::new(cfg.addr, cfg.port))?;
         rx_sock.set_nonblocking(true)?;
         let mut tx_socks = Vec::new();
         for _ in 0..cfg.entropy_ports {
-            let s = open_socket(SocketAddr::new(cfg.addr, 0))?;
+            let s = udp_socket(SocketAddr::new(cfg.addr, 0))?;
             let port = s.local_addr()?.port();
             tx_socks.push((s, port));
         }
@@ -297,8 +324,10 @@ impl WireGateway {
         });
         Ok(Self {
             gid: cfg.gid.unwrap_or_else(|| gid_from_ip(cfg.addr)),
-            rx_sock,
-            tx_socks,
+            socks: RwLock::new(Some(Sockets {
+                rx: rx_sock,
+                tx: tx_socks,
+            })),
             tx: Mutex::new(TxState {
                 buf: Vec::with_capacity(4200),
                 faults,
@@ -371,19 +400,6 @@ impl WireGateway {
             .contains(gid)
     }
 
-    fn socket_for(&self, qpn: u32) -> (&UdpSocket, u16, usize) {
-        if self.tx_socks.is_empty() {
-            return (&self.rx_sock, self.cfg.port, usize::MAX);
-        }
-        let i = (qpn.wrapping_mul(0x9e37_79b9) >> 16) as usize % self.tx_socks.len();
-        let (s, p) = &self.tx_socks[i];
-        (s, *p, i)
-    }
-
-    fn sock_by_index(&self, i: usize) -> &UdpSocket {
-        self.tx_socks.get(i).map_or(&self.rx_sock, |(s, _)| s)
-    }
-
     /// Sends a packet as RoCEv2 datagrams.
     pub(crate) fn transmit(&self, pkt: &Packet) {
         let dst = self.location(&pkt.dst);
@@ -391,7 +407,12 @@ impl WireGateway {
             self.stats.tx_err.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let (sock, sport, sidx) = self.socket_for(pkt.src_qpn);
+        let guard = self.socks.read().unwrap_or_else(|e| e.into_inner());
+        let Some(socks) = guard.as_ref() else {
+            self.stats.tx_err.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (sock, sport, sidx) = socks.for_qp(pkt.src_qpn, self.cfg.port);
         let ips = IpPair {
             src: self.cfg.addr,
             dst: dst.ip(),
@@ -430,11 +451,12 @@ impl WireGateway {
                 send(sock, d, dst);
             }
             if let Some((h, to, i)) = f.held.take() {
-                send(self.sock_by_index(i), &h, to);
+                send(socks.by_index(i), &h, to);
             }
         };
         segment::encode(pkt, &route, buf, &mut emit);
         drop(tx);
+        drop(guard);
         self.note_peer(dst);
     }
 
@@ -492,7 +514,11 @@ impl WireGateway {
             };
             let crc = vrdma_roce::icrc(&ips, self.cfg.port, dst.port(), &[d.as_slice()]);
             d.extend_from_slice(&vrdma_roce::icrc_bytes(crc));
-            if self.rx_sock.send_to(&d, dst).is_err() {
+            let socks = self.socks.read().unwrap_or_else(|e| e.into_inner());
+            let sent = socks
+                .as_ref()
+                .is_some_and(|s| s.rx.send_to(&d, dst).is_ok());
+            if !sent {
                 self.stats.tx_err.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -581,12 +607,12 @@ impl WireGateway {
         }
     }
 
-    fn rx_loop(self: Arc<Self>, fabric: Weak<SoftFabric>) {
+    fn rx_loop(self: Arc<Self>, sock: UdpSocket, fabric: Weak<SoftFabric>) {
         let mut reasm = Reassembler::new(self.cfg.reassembly_limit);
         let mut buf = vec![0u8; 65536];
         let mut peers = HashSet::new();
         while !self.stop.load(Ordering::Acquire) {
-            if !wait_readable(&self.rx_sock, 100) {
+            if !wait_readable(&sock, 100) {
                 continue;
             }
             let Some(f) = fabric.upgrade() else {
@@ -596,7 +622,7 @@ impl WireGateway {
             // Drain what is there (bounded), then run the devices once: ACKs coalesce over
             // the batch like over an in-process inbox drain.
             for _ in 0..256 {
-                match self.rx_sock.recv_from(&mut buf) {
+                match sock.recv_from(&mut buf) {
                     Ok((n, from)) => {
                         if peers.insert(from.ip()) && peers.len() < 4096 {
                             self.note_peer(SocketAddr::new(from.ip(), self.cfg.peer_port));
@@ -610,7 +636,8 @@ impl WireGateway {
         }
     }
 
-    fn stop_thread(&self) {
+    /// Stops the receive thread and closes the sockets.
+    fn close(&self) {
         self.stop.store(true, Ordering::Release);
         let h = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = h {
@@ -618,6 +645,7 @@ impl WireGateway {
                 let _ = h.join();
             }
         }
+        *self.socks.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -637,9 +665,17 @@ impl SoftFabric {
         }
         self.epoch.fetch_add(1, Ordering::AcqRel);
         let g = gw.clone();
+        let sock = gw
+            .socks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .ok_or(WireError::Gone)?
+            .rx
+            .try_clone()?;
         let h = std::thread::Builder::new()
             .name("vrdma-wire-rx".into())
-            .spawn(move || g.rx_loop(fabric))?;
+            .spawn(move || g.rx_loop(sock, fabric))?;
         *gw.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         Ok(gw)
     }
@@ -651,7 +687,7 @@ impl SoftFabric {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|w| !Arc::ptr_eq(w, gw));
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        gw.stop_thread();
+        gw.close();
     }
 
     /// The gateway serving `gid`.
@@ -675,7 +711,7 @@ impl SoftFabric {
     pub(crate) fn stop_wires(&self) {
         let wires = std::mem::take(&mut *self.wires.write().unwrap_or_else(|e| e.into_inner()));
         for w in wires {
-            w.stop_thread();
+            w.close();
         }
     }
 
