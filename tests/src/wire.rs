@@ -255,8 +255,13 @@ pub struct RemoteNode {
 }
 
 impl RemoteNode {
-    /// Starts `exe` (the `vrdma-node` binary), in network namespace `netns` if given.
-    pub fn spawn(exe: &std::path::Path, netns: Option<&str>) -> Result<Self, String> {
+    /// Starts `exe args…` (the `vrdma-node` binary, or `vrdma-perf node`), in network
+    /// namespace `netns` if given.
+    pub fn spawn(
+        exe: &std::path::Path,
+        args: &[&str],
+        netns: Option<&str>,
+    ) -> Result<Self, String> {
         use std::process::{Command, Stdio};
         let mut cmd = match netns {
             Some(ns) => {
@@ -266,6 +271,7 @@ impl RemoteNode {
             }
             None => Command::new(exe),
         };
+        cmd.args(args);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -6,11 +6,12 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vrdma_abi as abi;
 use vrdma_abi::Gid;
 use vrdma_guest::{pattern, SendWr};
+use vrdma_tests::roce_perf::migrate_across;
 use vrdma_tests::wire::{wire_node, NodeCmd, NodeReply, RemoteNode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_vrdma-node");
@@ -21,7 +22,7 @@ fn ip(test: u8, node: u8) -> IpAddr {
 
 /// A child node at `bind` with a QP; returns (node, its init reply, its QPN).
 fn child(bind: IpAddr, netns: Option<&str>) -> (RemoteNode, NodeReply, u32) {
-    let mut n = RemoteNode::spawn(Path::new(NODE), netns).expect("spawn vrdma-node");
+    let mut n = RemoteNode::spawn(Path::new(NODE), &[], netns).expect("spawn vrdma-node");
     let info = n
         .call(&NodeCmd::Init {
             bind: bind.to_string(),
@@ -239,130 +240,16 @@ fn two_processes_in_two_network_namespaces() {
 
 /// The device of a child process migrates to a new process — first at the same address, then
 /// at another one (peers learn it from the resume message) — while the peer keeps writing,
-/// reading and fetch-adding: every WR completes once, in order; the fetch-add results are
-/// exactly 0, 1, 2, … (each atomic executed once); READs return what was written.
+/// reading and fetch-adding (see [`migrate_across`] for what is checked: every WR completes
+/// once and in order, fetch-add results are exactly 0, 1, 2, …, READs return what was
+/// written, and A's memory in its last process is exact).
 #[test]
 fn migration_across_processes_loses_nothing() {
-    let (p1, ainfo, aqpn) = child(ip(3, 1), None);
-    let mut b = wire_node(ip(3, 2), 1 << 20, None).unwrap();
-    let mut qb = b.rc_qp(256).unwrap();
-    let agid = Gid {
-        raw: ainfo.gid.unwrap(),
-    };
-    let p = b.params(aqpn, agid, abi::MTU_1024, 12);
-    b.d.connect_rc_with(&qb, &p).unwrap();
-    let mut p1 = p1;
-    connect_child(&mut p1, aqpn, qb.qpn(), b.gid(), 12);
-    let (aaddr, arkey) = (ainfo.addr.unwrap(), ainfo.rkey.unwrap());
-
-    const N: u64 = 1200;
-    const SLOT: u64 = 256;
-    // Wire layout in A's buffer: counter at 0, slots from 4096.
-    let slot = |i: u64| 4096 + (i % 512) * SLOT;
-    let mut current = p1;
-    let mut next_wr = 0u64; // 3 WRs per iteration: WRITE, FETCH_ADD, READ (of the same slot)
-    let mut done = 0u64;
-    let mut cqes = vec![abi::Cqe::default(); 64];
-    let mut migrations = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let path = std::env::temp_dir().join(format!("vrdma-mig-{}.state", std::process::id()));
-    while done < 3 * N {
-        assert!(Instant::now() < deadline, "stuck at {done} of {}", 3 * N);
-        let iter = next_wr / 3;
-        if iter < N && next_wr < done + 48 {
-            let i = iter;
-            let local = 64 * 1024 + (i % 512) * SLOT;
-            b.buf.write(local, &pattern(i, SLOT as usize));
-            let rd = 256 * 1024 + (i % 512) * SLOT;
-            let fa = 512 * 1024 + (i % 4096) * 8;
-            let w = [b.mr.sge(local, SLOT as u32)];
-            let f = [b.mr.sge(fa, 8)];
-            let r = [b.mr.sge(rd, SLOT as u32)];
-            b.d.post_send(
-                &mut qb,
-                &[
-                    SendWr::write(3 * i, &w, aaddr + slot(i), arkey),
-                    SendWr::fetch_add(3 * i + 1, &f, aaddr, arkey, 1),
-                    SendWr::read(3 * i + 2, &r, aaddr + slot(i), arkey),
-                ],
-            )
-            .unwrap();
-            next_wr += 3;
-        }
-        let n = b.d.poll_cq(&mut b.cq, &mut cqes);
-        for c in &cqes[..n] {
-            assert_eq!(
-                (c.wr_id, c.status),
-                (done, abi::WC_SUCCESS),
-                "in order, successful"
-            );
-            let i = done / 3;
-            match done % 3 {
-                1 => assert_eq!(
-                    b.buf.read_u64(512 * 1024 + (i % 4096) * 8),
-                    i,
-                    "fetch-add {i} executed once"
-                ),
-                2 => assert_eq!(
-                    b.buf.read_vec(256 * 1024 + (i % 512) * SLOT, SLOT as usize),
-                    pattern(i, SLOT as usize),
-                    "READ {i}"
-                ),
-                _ => {}
-            }
-            done += 1;
-        }
-        // Migrate A twice while traffic flows: same address, then a new one.
-        let hop = match migrations.len() {
-            0 if done > 3 * 300 => Some(ip(3, 1)),
-            1 if done > 3 * 800 => Some(ip(3, 3)),
-            _ => None,
-        };
-        if let Some(to) = hop {
-            let out = current
-                .call(&NodeCmd::MigrateOut {
-                    path: path.display().to_string(),
-                })
-                .expect("migrate out");
-            let mut dst = RemoteNode::spawn(Path::new(NODE), None).unwrap();
-            let inr = dst
-                .call(&NodeCmd::MigrateIn {
-                    path: path.display().to_string(),
-                    bind: to.to_string(),
-                })
-                .expect("migrate in");
-            assert_eq!(inr.gid.unwrap(), agid.raw, "GID kept");
-            let downtime = inr.at_us.unwrap().saturating_sub(out.at_us.unwrap());
-            migrations.push((to, downtime, done));
-            current = dst; // the source process exits when dropped
-        }
-        if n == 0 {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
-    let _ = std::fs::remove_file(&path);
-    assert_eq!(
-        migrations.len(),
-        2,
-        "both migrations happened: {migrations:?}"
-    );
-    eprintln!("migrations (to, downtime µs, WRs done at the time): {migrations:?}");
-    // A's memory, read from its third process: the counter and the last value of every slot.
-    let counter = current
-        .call(&NodeCmd::Read { off: 0, len: 8 })
-        .unwrap()
-        .data
-        .unwrap();
-    assert_eq!(u64::from_le_bytes(counter.try_into().unwrap()), N);
-    for i in N - 512..N {
-        let got = current
-            .call(&NodeCmd::Read {
-                off: slot(i),
-                len: SLOT,
-            })
-            .unwrap()
-            .data
-            .unwrap();
-        assert_eq!(got, pattern(i, SLOT as usize), "slot of WRITE {i}");
-    }
+    let hops = [(900, ip(3, 1)), (2400, ip(3, 3))];
+    let st = migrate_across(Path::new(NODE), &[], ip(3, 1), ip(3, 2), &hops, 1200).unwrap();
+    eprintln!("{st:?}");
+    assert_eq!(st.migrations, 2);
+    assert_eq!(st.downtime_us.len(), 2);
+    assert_eq!(st.ops_total, 3600);
+    assert!(st.state_bytes > 0);
 }

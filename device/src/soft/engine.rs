@@ -26,6 +26,16 @@ use crate::qp::{ack_timeout_us, rnr_timer_us};
 /// Saved results of recent atomics per QP, for replaying duplicates.
 const ATOMIC_REPLAY: usize = 32;
 
+/// A requester asks for an ACK (BTH AckReq) on signaled WRs, READs and atomics, and at least
+/// every this many messages.
+const ACK_REQ_EVERY: u32 = 8;
+
+/// How long a responder may hold the ACK of wire requests that did not ask for one, and how
+/// many such messages it coalesces at most. Across a wire every ACK is a datagram and a
+/// wake-up at the requester; one per message doubles the packets of a ping-pong.
+const ACK_DELAY: Duration = Duration::from_micros(100);
+const ACK_DELAY_MAX_MSGS: u32 = 16;
+
 #[derive(Debug)]
 struct ReqOp {
     wr: SendWr,
@@ -66,6 +76,10 @@ struct SoftQp {
     /// Responder: a positive ACK not sent yet. ACKs are coalesced over one inbox drain: the
     /// last one acknowledges every request before it.
     ack_due: Option<Packet>,
+    /// Requester: messages sent since the last one that asked for an ACK.
+    since_ack_req: u32,
+    /// Responder: messages whose ACK is held (delayed ACKs).
+    acks_held: u32,
     /// Responder: a PSN-sequence NAK was sent for the current gap (one per gap, as the spec
     /// asks; cleared when the expected PSN arrives). Not migrated: at worst one more NAK.
     nak_sent: bool,
@@ -87,6 +101,8 @@ impl SoftQp {
             sent: 0,
             rd_out: 0,
             ack_due: None,
+            since_ack_req: 0,
+            acks_held: 0,
             nak_sent: false,
         }
     }
@@ -198,8 +214,11 @@ pub struct SoftBackend {
     now: Option<Instant>,
     inbox: VecDeque<Packet>,
     route_cache: RouteCache,
-    /// QPs with an `ack_due`.
+    /// QPs with an `ack_due` to send when the drain ends.
     acks: Vec<u32>,
+    /// QPs with an `ack_due` held back (delayed ACKs), and until when at most.
+    held_acks: Vec<u32>,
+    held_until: Option<Instant>,
     work: Work,
 }
 
@@ -223,6 +242,8 @@ impl SoftBackend {
             inbox: VecDeque::new(),
             route_cache: RouteCache::default(),
             acks: Vec::new(),
+            held_acks: Vec::new(),
+            held_until: None,
             work: Work::default(),
         }
     }
@@ -241,6 +262,9 @@ impl SoftBackend {
     /// Drops every QP and pending packet (device reset).
     pub fn clear(&mut self) {
         self.qps.clear();
+        self.acks.clear();
+        self.held_acks.clear();
+        self.held_until = None;
         self.timed.clear();
         self.port.clear();
     }
@@ -271,6 +295,7 @@ impl SoftBackend {
             dst_qpn: info.dest_qpn,
             psn,
             mtu: info.mtu,
+            ack_req: false,
             body,
         };
         self.send(pkt);
@@ -375,6 +400,9 @@ impl SoftBackend {
             op.sent = true;
             let mut pkt = build_request(ops.memory(), &qp.info, op);
             pkt.src = self.port.gid();
+            pkt.ack_req =
+                op.wr.signaled || op.is_rd_atomic() || qp.since_ack_req + 1 >= ACK_REQ_EVERY;
+            qp.since_ack_req = if pkt.ack_req { 0 } else { qp.since_ack_req + 1 };
             let arm = qp.deadline.is_none();
             let timeout = ack_timeout_us(qp.info.timeout);
             self.send(pkt);
@@ -410,6 +438,7 @@ impl SoftBackend {
                 dst_qpn: dest.qpn,
                 psn: op.psn,
                 mtu: qp.info.mtu,
+                ack_req: false,
                 body: Body::Ud {
                     qkey: dest.qkey,
                     imm: op.wr.imm,
@@ -636,12 +665,22 @@ impl SoftBackend {
     }
 
     /// Records a positive ACK for `req`'s QP, to be sent when the inbox drain ends (or before
-    /// any other response of that QP).
+    /// any other response of that QP). A wire request that did not ask for an ACK is
+    /// acknowledged within [`ACK_DELAY`] (or after [`ACK_DELAY_MAX_MSGS`] such messages),
+    /// coalesced with what follows.
     fn defer_ack(&mut self, req: &Packet, psn: u32, msn: u32) {
+        let lazy = req.src_qpn == SRC_QPN_WIRE && !req.ack_req;
         let Some(qp) = self.qps.get_mut(&req.dst_qpn) else {
             return;
         };
         let first = qp.ack_due.is_none();
+        let held = qp.acks_held;
+        qp.acks_held = if lazy && held + 1 < ACK_DELAY_MAX_MSGS {
+            held + 1
+        } else {
+            0
+        };
+        let lazy = qp.acks_held > 0;
         qp.ack_due = Some(Packet {
             src: req.dst,
             dst: req.src,
@@ -649,20 +688,44 @@ impl SoftBackend {
             dst_qpn: qp.info.dest_qpn,
             psn,
             mtu: 0,
+            ack_req: false,
             body: Body::Ack {
                 syndrome: Syndrome::Ack,
                 msn,
             },
         });
-        if first {
+        if lazy {
+            if first {
+                self.held_acks.push(req.dst_qpn);
+            }
+            if self.held_until.is_none() {
+                self.held_until = Some(self.now() + ACK_DELAY);
+            }
+        } else if first || held > 0 {
             self.acks.push(req.dst_qpn);
+        }
+    }
+
+    /// Sends the held (delayed) ACKs.
+    fn flush_held_acks(&mut self) {
+        self.held_until = None;
+        while let Some(qpn) = self.held_acks.pop() {
+            if let Some(qp) = self.qps.get_mut(&qpn) {
+                qp.acks_held = 0;
+                if let Some(ack) = qp.ack_due.take() {
+                    self.send(ack);
+                }
+            }
         }
     }
 
     fn flush_acks(&mut self) {
         while let Some(qpn) = self.acks.pop() {
-            if let Some(ack) = self.qps.get_mut(&qpn).and_then(|q| q.ack_due.take()) {
-                self.send(ack);
+            if let Some(qp) = self.qps.get_mut(&qpn) {
+                qp.acks_held = 0;
+                if let Some(ack) = qp.ack_due.take() {
+                    self.send(ack);
+                }
             }
         }
     }
@@ -946,13 +1009,14 @@ impl SoftBackend {
     }
 
     fn reschedule(&mut self) {
-        if self.timed.is_empty() {
+        if self.timed.is_empty() && self.held_until.is_none() {
             return;
         }
         let next = self
             .timed
             .iter()
             .filter_map(|q| self.qps.get(q).and_then(|qp| qp.deadline))
+            .chain(self.held_until)
             .min();
         if let Some(at) = next {
             let now = self.now();
@@ -1036,6 +1100,7 @@ fn build_request(mem: &Arc<crate::GuestMemoryMmap>, info: &QpInfo, op: &ReqOp) -
         dst_qpn: info.dest_qpn,
         psn: op.psn,
         mtu: info.mtu,
+        ack_req: true,
         body,
     }
 }
@@ -1163,6 +1228,9 @@ impl Backend for SoftBackend {
             self.handle(ops, pkt);
         }
         self.flush_acks();
+        if self.held_until.is_some_and(|t| t <= self.now()) {
+            self.flush_held_acks();
+        }
         // Keep the buffer's capacity for the next entry.
         self.inbox = inbox;
         if !self.timed.is_empty() {
@@ -1225,6 +1293,7 @@ impl SoftBackend {
     /// Sends the coalesced ACKs still pending, so that a stopped device owes its peers nothing.
     pub(crate) fn flush_pending_acks(&mut self) {
         self.flush_acks();
+        self.flush_held_acks();
     }
 
     /// Whether the backend knows the QP.

@@ -212,6 +212,10 @@ pub struct Packet {
     /// Path MTU of the sending QP: a wire segments the message into packets of this size
     /// (0: single-packet messages only, e.g. ACKs).
     pub mtu: u32,
+    /// The requester asks for an acknowledgement (BTH AckReq). A responder acknowledges a
+    /// wire request without it within a short delay, coalesced with later ones, instead of
+    /// at once (see the engine's delayed ACKs).
+    pub ack_req: bool,
     /// Body.
     pub body: Body,
 }

@@ -115,6 +115,7 @@ impl Reassembler {
             dst_qpn: bth.dest_qp,
             psn,
             mtu: 0,
+            ack_req: bth.ack_req,
             body,
         };
         let bytes = |b: &[u8]| {

@@ -284,7 +284,7 @@ fn message(
             code,
             i as u32,
             solicited && last,
-            last && !response,
+            last && !response && pkt.ack_req,
         ));
         if first {
             h.reth = reth;
