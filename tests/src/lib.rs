@@ -16,7 +16,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod fabric_path;
 pub mod migrate_bench;
+pub mod node;
 pub mod perf;
+pub mod roce_perf;
+pub mod wire;
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::{DeviceConfig, GuestMemoryMmap, PrecopyState, Vrdma};
 use vrdma_glue::MmioTransport;

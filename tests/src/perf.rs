@@ -229,7 +229,7 @@ fn spin_until_byte(buf: &Buffer, off: u64, want: u8, deadline: Instant) -> bool 
 }
 
 /// Busy-polls one byte through `read` until it equals `want` or `deadline` passes.
-fn spin_until(read: impl Fn(&mut [u8]), want: u8, deadline: Instant) -> bool {
+pub fn spin_until(read: impl Fn(&mut [u8]), want: u8, deadline: Instant) -> bool {
     let mut b = [0u8];
     let mut spins = 0u32;
     loop {
@@ -268,12 +268,12 @@ impl PingSide for Side {
 }
 
 /// Iterations of warm-up before `iters` measured ones: 10 %, at least 16.
-fn warmup_of(iters: usize) -> usize {
+pub fn warmup_of(iters: usize) -> usize {
     (iters / 10).max(16)
 }
 
 /// The ping-pong tag of iteration `i`: never 0, so a zeroed buffer never matches.
-fn tag(i: usize) -> u8 {
+pub fn tag(i: usize) -> u8 {
     (i % 255) as u8 + 1
 }
 

@@ -17,7 +17,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
 use vrdma_abi as abi;
 
-use super::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome};
+use super::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome, SRC_QPN_WIRE};
 use super::{Port, RouteCache, Work};
 use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv};
 use crate::mr::{self, Seg, SegList};
@@ -25,6 +25,16 @@ use crate::qp::{ack_timeout_us, rnr_timer_us};
 
 /// Saved results of recent atomics per QP, for replaying duplicates.
 const ATOMIC_REPLAY: usize = 32;
+
+/// A requester asks for an ACK (BTH AckReq) on signaled WRs, READs and atomics, and at least
+/// every this many messages.
+const ACK_REQ_EVERY: u32 = 8;
+
+/// How long a responder may hold the ACK of wire requests that did not ask for one, and how
+/// many such messages it coalesces at most. Across a wire every ACK is a datagram and a
+/// wake-up at the requester; one per message doubles the packets of a ping-pong.
+const ACK_DELAY: Duration = Duration::from_micros(100);
+const ACK_DELAY_MAX_MSGS: u32 = 16;
 
 #[derive(Debug)]
 struct ReqOp {
@@ -66,6 +76,13 @@ struct SoftQp {
     /// Responder: a positive ACK not sent yet. ACKs are coalesced over one inbox drain: the
     /// last one acknowledges every request before it.
     ack_due: Option<Packet>,
+    /// Requester: messages sent since the last one that asked for an ACK.
+    since_ack_req: u32,
+    /// Responder: messages whose ACK is held (delayed ACKs).
+    acks_held: u32,
+    /// Responder: a PSN-sequence NAK was sent for the current gap (one per gap, as the spec
+    /// asks; cleared when the expected PSN arrives). Not migrated: at worst one more NAK.
+    nak_sent: bool,
 }
 
 impl SoftQp {
@@ -84,6 +101,9 @@ impl SoftQp {
             sent: 0,
             rd_out: 0,
             ack_due: None,
+            since_ack_req: 0,
+            acks_held: 0,
+            nak_sent: false,
         }
     }
 
@@ -194,8 +214,11 @@ pub struct SoftBackend {
     now: Option<Instant>,
     inbox: VecDeque<Packet>,
     route_cache: RouteCache,
-    /// QPs with an `ack_due`.
+    /// QPs with an `ack_due` to send when the drain ends.
     acks: Vec<u32>,
+    /// QPs with an `ack_due` held back (delayed ACKs), and until when at most.
+    held_acks: Vec<u32>,
+    held_until: Option<Instant>,
     work: Work,
 }
 
@@ -219,6 +242,8 @@ impl SoftBackend {
             inbox: VecDeque::new(),
             route_cache: RouteCache::default(),
             acks: Vec::new(),
+            held_acks: Vec::new(),
+            held_until: None,
             work: Work::default(),
         }
     }
@@ -237,6 +262,9 @@ impl SoftBackend {
     /// Drops every QP and pending packet (device reset).
     pub fn clear(&mut self) {
         self.qps.clear();
+        self.acks.clear();
+        self.held_acks.clear();
+        self.held_until = None;
         self.timed.clear();
         self.port.clear();
     }
@@ -256,12 +284,18 @@ impl SoftBackend {
         {
             self.send(ack);
         }
+        // Responses go to the connected peer QP (a wire request names only the destination).
+        let Some(info) = self.qps.get(&req.dst_qpn).map(|q| &q.info) else {
+            return;
+        };
         let pkt = Packet {
             src: req.dst,
             dst: req.src,
             src_qpn: req.dst_qpn,
-            dst_qpn: req.src_qpn,
+            dst_qpn: info.dest_qpn,
             psn,
+            mtu: info.mtu,
+            ack_req: false,
             body,
         };
         self.send(pkt);
@@ -372,6 +406,9 @@ impl SoftBackend {
             op.sent = true;
             let mut pkt = build_request(ops.memory(), &qp.info, op);
             pkt.src = self.port.gid();
+            pkt.ack_req =
+                op.wr.signaled || op.is_rd_atomic() || qp.since_ack_req + 1 >= ACK_REQ_EVERY;
+            qp.since_ack_req = if pkt.ack_req { 0 } else { qp.since_ack_req + 1 };
             let arm = qp.deadline.is_none();
             let timeout = ack_timeout_us(qp.info.timeout);
             self.send(pkt);
@@ -406,6 +443,8 @@ impl SoftBackend {
                 src_qpn: qpn,
                 dst_qpn: dest.qpn,
                 psn: op.psn,
+                mtu: qp.info.mtu,
+                ack_req: false,
                 body: Body::Ud {
                     qkey: dest.qkey,
                     imm: op.wr.imm,
@@ -448,7 +487,7 @@ impl SoftBackend {
                 abi::QPS_RTR | abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE
             )
             || pkt.src != qp.info.dest_gid
-            || pkt.src_qpn != qp.info.dest_qpn
+            || (pkt.src_qpn != qp.info.dest_qpn && pkt.src_qpn != SRC_QPN_WIRE)
         {
             return;
         }
@@ -463,14 +502,21 @@ impl SoftBackend {
         };
         let d = psn::diff(pkt.psn, qp.epsn);
         if d > 0 {
-            // Out of sequence: a packet before it was refused (RNR) or lost. Drop it; the
-            // requester goes back to the first unacknowledged PSN.
+            // Out of sequence: a packet before it was refused (RNR) or lost. Drop it and, once
+            // per gap, NAK the expected PSN so the requester goes back to it without waiting
+            // for its ACK timeout (a requester waiting on an RNR timer ignores the NAK).
+            if !qp.nak_sent {
+                qp.nak_sent = true;
+                let epsn = qp.epsn;
+                self.reply(&pkt, epsn, nak(Syndrome::NakSeq));
+            }
             return;
         }
         if d < 0 {
             self.duplicate(ops, qpn, pkt);
             return;
         }
+        qp.nak_sent = false;
         let last = psn::add(pkt.psn, npsn - 1);
         let body = pkt.body.clone();
         match body {
@@ -625,32 +671,67 @@ impl SoftBackend {
     }
 
     /// Records a positive ACK for `req`'s QP, to be sent when the inbox drain ends (or before
-    /// any other response of that QP).
+    /// any other response of that QP). A wire request that did not ask for an ACK is
+    /// acknowledged within [`ACK_DELAY`] (or after [`ACK_DELAY_MAX_MSGS`] such messages),
+    /// coalesced with what follows.
     fn defer_ack(&mut self, req: &Packet, psn: u32, msn: u32) {
+        let lazy = req.src_qpn == SRC_QPN_WIRE && !req.ack_req;
         let Some(qp) = self.qps.get_mut(&req.dst_qpn) else {
             return;
         };
         let first = qp.ack_due.is_none();
+        let held = qp.acks_held;
+        qp.acks_held = if lazy && held + 1 < ACK_DELAY_MAX_MSGS {
+            held + 1
+        } else {
+            0
+        };
+        let lazy = qp.acks_held > 0;
         qp.ack_due = Some(Packet {
             src: req.dst,
             dst: req.src,
             src_qpn: req.dst_qpn,
-            dst_qpn: req.src_qpn,
+            dst_qpn: qp.info.dest_qpn,
             psn,
+            mtu: 0,
+            ack_req: false,
             body: Body::Ack {
                 syndrome: Syndrome::Ack,
                 msn,
             },
         });
-        if first {
+        if lazy {
+            if first {
+                self.held_acks.push(req.dst_qpn);
+            }
+            if self.held_until.is_none() {
+                self.held_until = Some(self.now() + ACK_DELAY);
+            }
+        } else if first || held > 0 {
             self.acks.push(req.dst_qpn);
+        }
+    }
+
+    /// Sends the held (delayed) ACKs.
+    fn flush_held_acks(&mut self) {
+        self.held_until = None;
+        while let Some(qpn) = self.held_acks.pop() {
+            if let Some(qp) = self.qps.get_mut(&qpn) {
+                qp.acks_held = 0;
+                if let Some(ack) = qp.ack_due.take() {
+                    self.send(ack);
+                }
+            }
         }
     }
 
     fn flush_acks(&mut self) {
         while let Some(qpn) = self.acks.pop() {
-            if let Some(ack) = self.qps.get_mut(&qpn).and_then(|q| q.ack_due.take()) {
-                self.send(ack);
+            if let Some(qp) = self.qps.get_mut(&qpn) {
+                qp.acks_held = 0;
+                if let Some(ack) = qp.ack_due.take() {
+                    self.send(ack);
+                }
             }
         }
     }
@@ -777,7 +858,7 @@ impl SoftBackend {
         if qp.info.qp_type != abi::QPT_RC
             || !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE)
             || pkt.src != qp.info.dest_gid
-            || pkt.src_qpn != qp.info.dest_qpn
+            || (pkt.src_qpn != qp.info.dest_qpn && pkt.src_qpn != SRC_QPN_WIRE)
         {
             return;
         }
@@ -817,6 +898,7 @@ impl SoftBackend {
                         self.arm_timer(qpn, at);
                         return;
                     }
+                    Syndrome::NakSeq if qp.rnr_wait => return,
                     Syndrome::NakSeq => {
                         qp.unsend_all();
                         qp.deadline = None;
@@ -840,8 +922,13 @@ impl SoftBackend {
                 let Some(qp) = self.qps.get_mut(&qpn) else {
                     return;
                 };
+                // A response of the wrong length (only a wire peer can send one) is ignored
+                // like a lost one: the retry timer asks again.
                 let matches = qp.ops.front().is_some_and(|o| {
-                    o.sent && o.wr.opcode == abi::WR_RDMA_READ && o.psn == pkt.psn
+                    o.sent
+                        && o.wr.opcode == abi::WR_RDMA_READ
+                        && o.psn == pkt.psn
+                        && payload.len() == o.wr.len
                 });
                 if !matches {
                     return;
@@ -928,13 +1015,14 @@ impl SoftBackend {
     }
 
     fn reschedule(&mut self) {
-        if self.timed.is_empty() {
+        if self.timed.is_empty() && self.held_until.is_none() {
             return;
         }
         let next = self
             .timed
             .iter()
             .filter_map(|q| self.qps.get(q).and_then(|qp| qp.deadline))
+            .chain(self.held_until)
             .min();
         if let Some(at) = next {
             let now = self.now();
@@ -1017,6 +1105,8 @@ fn build_request(mem: &Arc<crate::GuestMemoryMmap>, info: &QpInfo, op: &ReqOp) -
         src_qpn: info.qpn,
         dst_qpn: info.dest_qpn,
         psn: op.psn,
+        mtu: info.mtu,
+        ack_req: true,
         body,
     }
 }
@@ -1144,6 +1234,9 @@ impl Backend for SoftBackend {
             self.handle(ops, pkt);
         }
         self.flush_acks();
+        if self.held_until.is_some_and(|t| t <= self.now()) {
+            self.flush_held_acks();
+        }
         // Keep the buffer's capacity for the next entry.
         self.inbox = inbox;
         if !self.timed.is_empty() {
@@ -1206,6 +1299,7 @@ impl SoftBackend {
     /// Sends the coalesced ACKs still pending, so that a stopped device owes its peers nothing.
     pub(crate) fn flush_pending_acks(&mut self) {
         self.flush_acks();
+        self.flush_held_acks();
     }
 
     /// Whether the backend knows the QP.
@@ -1405,5 +1499,14 @@ impl SoftBackend {
         self.scheduled = None;
         self.now = None;
         self.reschedule();
+        // Peers across a wire: tell them where this GID runs now (they may not have talked to
+        // this process's gateway yet).
+        let mut peers: Vec<abi::Gid> = Vec::new();
+        for q in self.qps.slots.iter().flatten() {
+            if q.info.qp_type == abi::QPT_RC && !peers.contains(&q.info.dest_gid) {
+                peers.push(q.info.dest_gid);
+            }
+        }
+        self.port.fabric().announce(&self.port.gid(), false, &peers);
     }
 }

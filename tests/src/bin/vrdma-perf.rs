@@ -19,6 +19,7 @@ use vrdma_tests::perf::{
     write_bw_fabric, write_lat_device, write_lat_device_interrupt, write_lat_eventfd,
     write_lat_fabric, write_lat_shm, BwStats, LatStats,
 };
+use vrdma_tests::roce_perf;
 
 #[derive(Parser)]
 #[command(name = "vrdma-perf", about = "vrdma benchmarks (perftest semantics)")]
@@ -47,6 +48,8 @@ enum Test {
         /// or `interrupt` (WRITE with immediate; sleep on the armed receive CQ's interrupt).
         #[arg(long, default_value = "poll", value_parser = ["poll", "interrupt"])]
         completion: String,
+        #[command(flatten)]
+        roce: RoceOpts,
         /// One JSON object per line instead of the table.
         #[arg(long)]
         json: bool,
@@ -135,10 +138,131 @@ enum Test {
         /// Messages per run.
         #[arg(short = 'n', long = "iters", default_value_t = 1_000_000)]
         iters: u64,
+        #[command(flatten)]
+        roce: RoceOpts,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
+    /// (internal) A node process for `--roce` runs: one guest behind a RoCEv2 gateway, driven
+    /// by JSON lines on stdin.
+    #[command(hide = true)]
+    Node,
+}
+
+/// Options of the runs across two processes.
+#[derive(clap::Args, Clone, Debug)]
+struct RoceOpts {
+    /// Run across two processes over RoCEv2/UDP (path=roce) with the raw-UDP floor between
+    /// the same two processes (path=udp), instead of the in-process paths.
+    #[arg(long)]
+    roce: bool,
+    /// This process's address (--roce).
+    #[arg(long, default_value = "127.0.77.1")]
+    local_ip: std::net::IpAddr,
+    /// The node process's address (--roce).
+    #[arg(long, default_value = "127.0.77.2")]
+    remote_ip: std::net::IpAddr,
+}
+
+/// A node process and a local guest connected to it (`--roce`).
+fn roce_pair(o: &RoceOpts, buf: u64) -> Result<roce_perf::CrossPair, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    roce_perf::cross_pair(&exe, &["node"], o.local_ip, o.remote_ip, buf)
+}
+
+fn write_lat_roce(sizes: &[u64], iters: usize, o: &RoceOpts, json: bool) -> ExitCode {
+    if !json {
+        println!("# vrdma-perf write-lat --roce: two guests in two processes, RoCEv2 over UDP ({} <-> {})", o.local_ip, o.remote_ip);
+        println!("# path=roce: guest driver -> device -> soft fabric -> gateway -> UDP -> gateway -> peer guest memory");
+        println!("# path=udp: raw UDP ping-pong between the same two processes, datagrams of the same size, same run");
+        println!("{}", LatStats::header());
+    }
+    let max = sizes.iter().copied().max().unwrap_or(2);
+    let mut pair = match roce_pair(o, 2 * max.max(64)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: --roce setup: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for &s in sizes {
+        let roce = match roce_perf::write_lat_roce(&mut pair, s, iters) {
+            Ok(r) => LatStats::from_rtts("write_lat", "roce", s, "poll", &r),
+            Err(e) => {
+                eprintln!("error: write-lat {s} B, path=roce: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let udp = match roce_perf::udp_pingpong(&mut pair, s, iters) {
+            Ok(r) => LatStats::from_rtts("write_lat", "udp", s, "poll", &r),
+            Err(e) => {
+                eprintln!("error: write-lat {s} B, path=udp: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        print_lat(&roce, json);
+        print_lat(&udp, json);
+        if !json {
+            println!(
+                "# {s} B: roce/udp t_typical ratio {:.2} (+{:.2} usec per half round trip)",
+                roce.t_typical_us / udp.t_typical_us.max(1e-9),
+                roce.t_typical_us - udp.t_typical_us
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn write_bw_roce(size: u64, iters: u64, batch: &[u32], o: &RoceOpts, json: bool) -> ExitCode {
+    if !json {
+        println!("# vrdma-perf write-bw --roce: one sender thread, two guests in two processes, RoCEv2 over UDP");
+        println!("# path=roce: RDMA WRITEs (path MTU 4096); path=udp: a raw UDP stream of the same datagrams between the same two processes, same run");
+        println!(
+            " {:<8} {:<6} {:<6} {:<10} {:<12} {:<10} {:<16} path",
+            "#bytes", "qps", "window", "msgs", "rate[Mpps]", "bw[Gb/s]", "first_cqe[usec]"
+        );
+    }
+    let mut pair = match roce_pair(o, size.max(64)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: --roce setup: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for &w in batch {
+        let mut st = match roce_perf::write_bw_roce(&mut pair, size, iters, w.max(1) as u64) {
+            Ok(st) => st,
+            Err(e) => {
+                eprintln!("error: write-bw {size} B, path=roce: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        st.batch = w;
+        print_bw(&st, json);
+        let udp = match roce_perf::udp_stream(&mut pair, size, iters, 4096) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("error: write-bw {size} B, path=udp: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let u = BwStats {
+            path: "udp",
+            bw_gbps: udp,
+            msg_rate_mpps: udp * 1e9 / 8.0 / size as f64 / 1e6,
+            first_completion_us: 0.0,
+            ..st.clone()
+        };
+        print_bw(&u, json);
+        if !json {
+            println!(
+                "# {size} B window {w}: roce/udp bandwidth {:.2}",
+                st.bw_gbps / udp.max(1e-9)
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Sizes of a run: `size`, or 2 B … 8 MiB with `-a`. Fails for sizes outside 1 ..= 8 MiB.
@@ -325,8 +449,18 @@ fn main() -> ExitCode {
             iters,
             inline,
             completion,
+            roce,
             json,
-        } => write_lat(size, all, iters, inline, completion == "interrupt", json),
+        } => {
+            if roce.roce {
+                match sizes(size, all) {
+                    Ok(s) => write_lat_roce(&s, iters, &roce, json),
+                    Err(c) => c,
+                }
+            } else {
+                write_lat(size, all, iters, inline, completion == "interrupt", json)
+            }
+        }
         Test::ReadLat {
             size,
             all,
@@ -440,8 +574,19 @@ fn main() -> ExitCode {
             qps,
             batch,
             iters,
+            roce,
             json,
-        } => write_bw(size, &qps, &batch, iters, json),
+        } => {
+            if roce.roce {
+                write_bw_roce(size, iters, &batch, &roce, json)
+            } else {
+                write_bw(size, &qps, &batch, iters, json)
+            }
+        }
+        Test::Node => {
+            vrdma_tests::node::serve();
+            ExitCode::SUCCESS
+        }
         Test::Migrate {
             qps,
             mrs,
