@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod fabric_path;
 pub mod migrate_bench;
+pub mod peer;
 pub mod perf;
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::{DeviceConfig, GuestMemoryMmap, Vrdma};
