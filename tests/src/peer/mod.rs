@@ -487,8 +487,9 @@ fn check(c: Cqe) -> Result<Cqe, PeerError> {
     }
 }
 
-/// The OOB connection: connect to the server or accept one client.
-fn open_oob(opts: &PeerOpts, listener: Option<&TcpListener>) -> Result<Oob, PeerError> {
+/// The OOB connection: connect to the server or accept one client. The listener is closed
+/// after the accept (as the tools do), so a later client is refused instead of queued.
+fn open_oob(opts: &PeerOpts, listener: Option<TcpListener>) -> Result<Oob, PeerError> {
     let deadline = Instant::now() + opts.timeout;
     let oob = match opts.server {
         Some(ip) => Oob::connect(SocketAddr::new(ip, opts.port), deadline),
@@ -497,7 +498,7 @@ fn open_oob(opts: &PeerOpts, listener: Option<&TcpListener>) -> Result<Oob, Peer
                 stage: "oob",
                 msg: "server without a listener".into(),
             })?;
-            Oob::accept(l, deadline)
+            Oob::accept(&l, deadline)
         }
     }
     .map_err(err("oob"))?;
@@ -557,8 +558,8 @@ pub fn run(
     let psn = random_u32() & 0xff_ffff;
     let gid = ep.gid()?;
     match opts.test {
-        Test::RcPingpong => run_pingpong(ep, opts, listener.as_ref(), size, mtu, psn, gid, sent),
-        t => run_perftest(t, ep, opts, listener.as_ref(), size, mtu, psn, gid, sent),
+        Test::RcPingpong => run_pingpong(ep, opts, listener, size, mtu, psn, gid, sent),
+        t => run_perftest(t, ep, opts, listener, size, mtu, psn, gid, sent),
     }
 }
 
@@ -566,7 +567,7 @@ pub fn run(
 fn run_pingpong(
     mut ep: Endpoint,
     opts: &PeerOpts,
-    listener: Option<&TcpListener>,
+    listener: Option<TcpListener>,
     size: u64,
     mtu: u32,
     psn: u32,
@@ -694,7 +695,7 @@ fn run_perftest(
     test: Test,
     mut ep: Endpoint,
     opts: &PeerOpts,
-    listener: Option<&TcpListener>,
+    listener: Option<TcpListener>,
     size: u64,
     mtu: u32,
     psn: u32,
