@@ -18,6 +18,7 @@ pub mod fabric_path;
 pub mod migrate_bench;
 pub mod peer;
 pub mod perf;
+pub mod wire;
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::{DeviceConfig, GuestMemoryMmap, Vrdma};
 use vrdma_glue::MmioTransport;

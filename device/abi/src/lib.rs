@@ -267,6 +267,12 @@ pub const LINK_LAYER_ETHERNET: u32 = 2;
 
 /// Path MTU enumeration, as in the IB spec: 1 = 256 … 5 = 4096 bytes.
 pub const MTU_256: u32 = 1;
+/// 512-byte MTU.
+pub const MTU_512: u32 = 2;
+/// 1024-byte MTU (RoCE on a 1500-byte Ethernet MTU).
+pub const MTU_1024: u32 = 3;
+/// 2048-byte MTU.
+pub const MTU_2048: u32 = 4;
 /// 4096-byte MTU.
 pub const MTU_4096: u32 = 5;
 /// MTU enum → bytes (0 for an invalid value).

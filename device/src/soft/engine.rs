@@ -17,7 +17,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
 use vrdma_abi as abi;
 
-use super::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome};
+use super::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome, SRC_QPN_WIRE};
 use super::{Port, RouteCache, Work};
 use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv};
 use crate::mr::{self, Seg, SegList};
@@ -66,6 +66,9 @@ struct SoftQp {
     /// Responder: a positive ACK not sent yet. ACKs are coalesced over one inbox drain: the
     /// last one acknowledges every request before it.
     ack_due: Option<Packet>,
+    /// Responder: a PSN-sequence NAK was sent for the current gap (one per gap, as the spec
+    /// asks; cleared when the expected PSN arrives). Not migrated: at worst one more NAK.
+    nak_sent: bool,
 }
 
 impl SoftQp {
@@ -84,6 +87,7 @@ impl SoftQp {
             sent: 0,
             rd_out: 0,
             ack_due: None,
+            nak_sent: false,
         }
     }
 
@@ -256,12 +260,17 @@ impl SoftBackend {
         {
             self.send(ack);
         }
+        // Responses go to the connected peer QP (a wire request names only the destination).
+        let Some(info) = self.qps.get(&req.dst_qpn).map(|q| &q.info) else {
+            return;
+        };
         let pkt = Packet {
             src: req.dst,
             dst: req.src,
             src_qpn: req.dst_qpn,
-            dst_qpn: req.src_qpn,
+            dst_qpn: info.dest_qpn,
             psn,
+            mtu: info.mtu,
             body,
         };
         self.send(pkt);
@@ -400,6 +409,7 @@ impl SoftBackend {
                 src_qpn: qpn,
                 dst_qpn: dest.qpn,
                 psn: op.psn,
+                mtu: qp.info.mtu,
                 body: Body::Ud {
                     qkey: dest.qkey,
                     imm: op.wr.imm,
@@ -442,7 +452,7 @@ impl SoftBackend {
                 abi::QPS_RTR | abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE
             )
             || pkt.src != qp.info.dest_gid
-            || pkt.src_qpn != qp.info.dest_qpn
+            || (pkt.src_qpn != qp.info.dest_qpn && pkt.src_qpn != SRC_QPN_WIRE)
         {
             return;
         }
@@ -457,14 +467,21 @@ impl SoftBackend {
         };
         let d = psn::diff(pkt.psn, qp.epsn);
         if d > 0 {
-            // Out of sequence: a packet before it was refused (RNR) or lost. Drop it; the
-            // requester goes back to the first unacknowledged PSN.
+            // Out of sequence: a packet before it was refused (RNR) or lost. Drop it and, once
+            // per gap, NAK the expected PSN so the requester goes back to it without waiting
+            // for its ACK timeout (a requester waiting on an RNR timer ignores the NAK).
+            if !qp.nak_sent {
+                qp.nak_sent = true;
+                let epsn = qp.epsn;
+                self.reply(&pkt, epsn, nak(Syndrome::NakSeq));
+            }
             return;
         }
         if d < 0 {
             self.duplicate(ops, qpn, pkt);
             return;
         }
+        qp.nak_sent = false;
         let last = psn::add(pkt.psn, npsn - 1);
         let body = pkt.body.clone();
         match body {
@@ -629,8 +646,9 @@ impl SoftBackend {
             src: req.dst,
             dst: req.src,
             src_qpn: req.dst_qpn,
-            dst_qpn: req.src_qpn,
+            dst_qpn: qp.info.dest_qpn,
             psn,
+            mtu: 0,
             body: Body::Ack {
                 syndrome: Syndrome::Ack,
                 msn,
@@ -771,7 +789,7 @@ impl SoftBackend {
         if qp.info.qp_type != abi::QPT_RC
             || !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE)
             || pkt.src != qp.info.dest_gid
-            || pkt.src_qpn != qp.info.dest_qpn
+            || (pkt.src_qpn != qp.info.dest_qpn && pkt.src_qpn != SRC_QPN_WIRE)
         {
             return;
         }
@@ -811,6 +829,7 @@ impl SoftBackend {
                         self.arm_timer(qpn, at);
                         return;
                     }
+                    Syndrome::NakSeq if qp.rnr_wait => return,
                     Syndrome::NakSeq => {
                         qp.unsend_all();
                         qp.deadline = None;
@@ -834,8 +853,13 @@ impl SoftBackend {
                 let Some(qp) = self.qps.get_mut(&qpn) else {
                     return;
                 };
+                // A response of the wrong length (only a wire peer can send one) is ignored
+                // like a lost one: the retry timer asks again.
                 let matches = qp.ops.front().is_some_and(|o| {
-                    o.sent && o.wr.opcode == abi::WR_RDMA_READ && o.psn == pkt.psn
+                    o.sent
+                        && o.wr.opcode == abi::WR_RDMA_READ
+                        && o.psn == pkt.psn
+                        && payload.len() == o.wr.len
                 });
                 if !matches {
                     return;
@@ -1011,6 +1035,7 @@ fn build_request(mem: &Arc<crate::GuestMemoryMmap>, info: &QpInfo, op: &ReqOp) -
         src_qpn: info.qpn,
         dst_qpn: info.dest_qpn,
         psn: op.psn,
+        mtu: info.mtu,
         body,
     }
 }
@@ -1399,5 +1424,14 @@ impl SoftBackend {
         self.scheduled = None;
         self.now = None;
         self.reschedule();
+        // Peers across a wire: tell them where this GID runs now (they may not have talked to
+        // this process's gateway yet).
+        let mut peers: Vec<abi::Gid> = Vec::new();
+        for q in self.qps.slots.iter().flatten() {
+            if q.info.qp_type == abi::QPT_RC && !peers.contains(&q.info.dest_gid) {
+                peers.push(q.info.dest_gid);
+            }
+        }
+        self.port.fabric().announce(&self.port.gid(), false, &peers);
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod engine;
 pub mod packet;
+pub mod wire;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -58,9 +59,16 @@ pub trait Endpoint: Send + Sync {
     fn process_fabric(&self) -> Work;
 }
 
-/// A sender's memory of its last destination port.
+/// Where a packet goes: an in-process port or a wire gateway.
+#[derive(Clone)]
+enum Target {
+    Port(Arc<Port>),
+    Wire(Arc<wire::WireGateway>),
+}
+
+/// A sender's memory of its last destination.
 #[derive(Default)]
-pub struct RouteCache(Option<(Gid, u64, Arc<Port>)>);
+pub struct RouteCache(Option<(Gid, u64, Target)>);
 
 /// Ports with pending inbound work, to be driven once the caller released its device lock.
 #[derive(Default, Debug)]
@@ -120,6 +128,8 @@ pub struct SoftFabric {
     unroutable: AtomicU64,
     /// Bumped on every attach and detach; invalidates route caches.
     epoch: AtomicU64,
+    /// RoCEv2 gateways of local GIDs ([`wire`]).
+    wires: RwLock<Vec<Arc<wire::WireGateway>>>,
     self_ref: Weak<SoftFabric>,
 }
 
@@ -146,6 +156,7 @@ impl SoftFabric {
             delivered: AtomicU64::new(0),
             unroutable: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            wires: RwLock::new(Vec::new()),
             self_ref: w.clone(),
         })
     }
@@ -213,13 +224,19 @@ impl SoftFabric {
         Ok(())
     }
 
-    /// Whether the port attached under `gid` is paused (its device is stopped for migration).
+    /// Whether the device of `gid` is paused (stopped for migration): an in-process port, or
+    /// a remote device that said so through a wire gateway.
     pub fn is_paused(&self, gid: &Gid) -> bool {
-        self.ports
+        let local = self
+            .ports
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(gid)
-            .is_some_and(|p| p.paused.load(Ordering::Acquire))
+            .map(|p| p.paused.load(Ordering::Acquire));
+        match local {
+            Some(p) => p,
+            None => self.wire_paused(gid),
+        }
     }
 
     /// Removes `port` (if it is the one attached under its GID).
@@ -241,9 +258,9 @@ impl SoftFabric {
         *n
     }
 
-    /// Routes a packet to the port owning `pkt.dst`; records the port in `work`. Unroutable
-    /// packets are dropped, as a network would (the sender's retry timer notices).
-    pub(crate) fn route(&self, pkt: Packet, work: &mut Work) {
+    /// Where `pkt` goes: the in-process port owning `pkt.dst`, else the wire gateway of the
+    /// sender's GID.
+    fn target(&self, pkt: &Packet) -> Option<Target> {
         let port = self
             .ports
             .read()
@@ -251,10 +268,21 @@ impl SoftFabric {
             .get(&pkt.dst)
             .cloned();
         match port {
-            Some(p) => {
+            Some(p) => Some(Target::Port(p)),
+            None => self.wire_for(&pkt.src).map(Target::Wire),
+        }
+    }
+
+    fn deliver(&self, pkt: Packet, target: Option<&Target>, work: &mut Work) {
+        match target {
+            Some(Target::Port(p)) => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
                 let got = p.push(pkt);
                 work.add(&got);
+            }
+            Some(Target::Wire(w)) => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                w.transmit(&pkt);
             }
             None => {
                 self.unroutable.fetch_add(1, Ordering::Relaxed);
@@ -262,29 +290,29 @@ impl SoftFabric {
         }
     }
 
+    /// Routes a packet to the port owning `pkt.dst` (recorded in `work`) or onto the wire.
+    /// Unroutable packets are dropped, as a network would (the sender's retry timer notices).
+    pub(crate) fn route(&self, pkt: Packet, work: &mut Work) {
+        let t = self.target(&pkt);
+        self.deliver(pkt, t.as_ref(), work);
+    }
+
     /// Like [`SoftFabric::route`], remembering the last destination: consecutive packets to
-    /// the same GID skip the table lookup until a port attaches or detaches.
+    /// the same GID skip the table lookup until a port or gateway attaches or detaches.
     pub(crate) fn route_cached(&self, pkt: Packet, cache: &mut RouteCache, work: &mut Work) {
         let epoch = self.epoch.load(Ordering::Acquire);
-        if let Some((gid, e, port)) = &cache.0 {
+        if let Some((gid, e, t)) = &cache.0 {
             if *gid == pkt.dst && *e == epoch {
-                let port = port.clone();
-                self.delivered.fetch_add(1, Ordering::Relaxed);
-                let got = port.push(pkt);
-                work.add(&got);
+                let t = t.clone();
+                self.deliver(pkt, Some(&t), work);
                 return;
             }
         }
-        let port = self
-            .ports
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pkt.dst)
-            .cloned();
-        if let Some(p) = &port {
-            cache.0 = Some((pkt.dst, epoch, p.clone()));
+        let t = self.target(&pkt);
+        if let Some(t) = &t {
+            cache.0 = Some((pkt.dst, epoch, t.clone()));
         }
-        self.route(pkt, work);
+        self.deliver(pkt, t.as_ref(), work);
     }
 
     /// Drives every port in `work` (and the ports their processing reaches) until no packet is
@@ -375,6 +403,7 @@ fn timer_loop(shared: Arc<TimerShared>, fabric: Weak<SoftFabric>) {
 
 impl Drop for SoftFabric {
     fn drop(&mut self) {
+        self.stop_wires();
         self.timer
             .timers
             .lock()
@@ -439,7 +468,11 @@ impl Port {
     /// timer expires while their destination is paused wait instead of spending a retry: the
     /// in-process form of MigrOS's "paused" connection state.
     pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Release);
+        let was = self.paused.swap(paused, Ordering::AcqRel);
+        if was != paused {
+            // Peers on a wire learn it through the gateway's pause/resume messages.
+            self.fabric.announce(&self.gid, paused, &[]);
+        }
     }
 
     /// Whether another port took this one's place ([`SoftFabric::take_over`]).

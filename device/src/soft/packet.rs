@@ -209,9 +209,16 @@ pub struct Packet {
     pub dst_qpn: u32,
     /// First PSN of the message (requests) or PSN acknowledged (responses).
     pub psn: u32,
+    /// Path MTU of the sending QP: a wire segments the message into packets of this size
+    /// (0: single-packet messages only, e.g. ACKs).
+    pub mtu: u32,
     /// Body.
     pub body: Body,
 }
+
+/// `src_qpn` of an RC packet that came from a wire: RoCEv2 RC packets carry only the
+/// destination QPN; the connection is identified by it and by the source address.
+pub const SRC_QPN_WIRE: u32 = u32::MAX;
 
 #[cfg(test)]
 mod tests {
