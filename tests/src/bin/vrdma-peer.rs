@@ -19,9 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use vrdma_device::soft::wire::{gid_from_ip, WireConfig, WireGateway};
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::DeviceConfig;
-use vrdma_tests::peer::{self, gid_of_ip, PeerOpts, Test};
+use vrdma_tests::peer::{self, PeerOpts, Test};
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +80,9 @@ struct Common {
     /// Busy-poll without yielding.
     #[arg(long)]
     busy_poll: bool,
+    /// Accept received datagrams without checking their ICRC (diagnosis).
+    #[arg(long)]
+    no_icrc_check: bool,
 }
 
 fn main() -> ExitCode {
@@ -104,7 +108,7 @@ fn main() -> ExitCode {
     let _ = c.gid_index;
 
     let fabric = SoftFabric::new();
-    let _gateway = match attach_wire(&fabric, c.bind) {
+    let gateway = match attach_wire(&fabric, c.bind, !c.no_icrc_check) {
         Ok(g) => g,
         Err(msg) => {
             let e = peer::PeerError {
@@ -115,7 +119,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cfg = DeviceConfig::with_gid(gid_of_ip(c.bind));
+    let cfg = DeviceConfig::with_gid(gid_from_ip(c.bind));
     eprintln!(
         "vrdma-peer: {} {} on {} (GID {}), OOB port {}",
         test.name(),
@@ -124,7 +128,9 @@ fn main() -> ExitCode {
         peer::gid_str(&cfg.gid),
         opts.port
     );
-    match peer::run(&fabric, cfg, &opts, None) {
+    let res = peer::run(&fabric, cfg, &opts, None);
+    fabric.detach_wire(&gateway);
+    match res {
         Ok(r) => {
             println!("{}", r.line());
             ExitCode::SUCCESS
@@ -136,9 +142,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Attaches the RoCEv2 gateway for `addr` to the fabric.
-fn attach_wire(_fabric: &Arc<SoftFabric>, addr: IpAddr) -> Result<Option<()>, String> {
-    // The gateway (branch `wire`) is not merged yet: without it nothing leaves the process.
-    eprintln!("vrdma-peer: WARNING: no RoCEv2 gateway in this build; {addr} is not reachable");
-    Ok(None)
+/// Attaches the RoCEv2 gateway for `addr` (UDP `addr`:4791) to the fabric.
+fn attach_wire(
+    fabric: &Arc<SoftFabric>,
+    addr: IpAddr,
+    check_icrc: bool,
+) -> Result<Arc<WireGateway>, String> {
+    let mut cfg = WireConfig::new(addr);
+    cfg.check_icrc = check_icrc;
+    fabric
+        .attach_wire(cfg)
+        .map_err(|e| format!("RoCEv2 gateway on {addr}:4791: {e}"))
 }
