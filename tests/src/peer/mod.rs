@@ -732,7 +732,10 @@ fn run_perftest(
         let m = oob.xchg(&msg).map_err(err("oob"))?;
         PerftestDest::decode(&m).map_err(err("oob"))
     };
-    // ib_send_lat shakes hands once before connecting, the others twice.
+    // Handshakes (QP messages), perftest 4.5:
+    //   write_lat, read_lat, atomic_lat: 2 before connecting, 2 after;
+    //   send_lat: 1 before, 2 after, receives posted, 1 more;
+    //   read/atomic/send_lat then close with one more and a "done".
     let mut rem = hs(&mut oob)?;
     if test != Test::SendLat {
         rem = hs(&mut oob)?;
@@ -758,15 +761,19 @@ fn run_perftest(
         out_reads as u8,
         12,
     )?;
+    // After connecting: two handshakes (write_lat: "after RTR"; send_lat: after RTR and the
+    // per-QP one) …
+    hs(&mut oob)?;
     hs(&mut oob)?;
     let client = oob.is_client();
     let len = size as u32;
     let rx_depth = (opts.iters as u32).min(512);
     if test == Test::SendLat {
-        // ctx_set_recv_wqes, then the "receives are posted" handshake.
+        // … and ib_send_lat posts its receives (ctx_set_recv_wqes), then shakes hands once
+        // more so that no SEND arrives before the peer's receives.
         ep.post_recvs(rx_depth, len)?;
+        hs(&mut oob)?;
     }
-    hs(&mut oob)?;
 
     let iters = opts.iters;
     let deadline = Instant::now() + opts.timeout;
