@@ -2,7 +2,7 @@
 # Runs in the TCG guest of the rxe interop suite (tests/e2e/rxe-interop.sh): brings up rdma_rxe
 # on eth0 and runs the real tools against the host's vrdma-peer, one case after the other, in
 # the order of `iop_cases=` on the kernel command line. Case names: TOOL-guest-server or
-# TOOL-guest-client. Markers (the host script waits on them):
+# TOOL-guest-client, TOOL optionally with a message size (`write_lat_4096`). Markers (the host script waits on them):
 #   IOP NET_READY …            rxe0 is up with its RoCE v2 GID
 #   IOP READY <case>           a guest server is about to listen (the host then starts its client)
 #   IOPLOG <case>| <line>      the tool's output
@@ -58,7 +58,11 @@ tool_cmd() { # tool_cmd TOOL: the guest tool's command line (server form)
 for c in $(echo "$cases" | tr ',' ' '); do
     tool=${c%%-guest-*}
     role=${c##*-guest-}
-    cmd=$(tool_cmd "$tool")
+    size=
+    case $tool in
+    *_[0-9]*) size=${tool##*_} tool=${tool%_*} ;;
+    esac
+    cmd="$(tool_cmd "$tool")${size:+ -s $size}"
     out=/tmp/$c.out
     if [ "$role" = server ]; then
         echo "IOP READY $c"

@@ -80,6 +80,9 @@ struct Common {
     /// Busy-poll without yielding.
     #[arg(long)]
     busy_poll: bool,
+    /// Local ACK timeout exponent of our QP (4.096 µs × 2^N; the tools use 14 ≈ 67 ms).
+    #[arg(long, default_value_t = 14)]
+    qp_timeout: u8,
     /// Accept received datagrams without checking their ICRC (diagnosis).
     #[arg(long)]
     no_icrc_check: bool,
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
     opts.port = c.port;
     opts.timeout = Duration::from_secs(c.timeout);
     opts.busy_poll = c.busy_poll;
+    opts.qp_timeout = c.qp_timeout;
     let _ = c.gid_index;
 
     let fabric = SoftFabric::new();

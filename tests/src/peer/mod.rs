@@ -87,6 +87,8 @@ pub struct PeerOpts {
     pub timeout: Duration,
     /// Busy-poll only (lower latency; burns a core). Default: spin, then yield.
     pub busy_poll: bool,
+    /// Local ACK timeout exponent of our QP (4.096 µs × 2^t; the tools use 14 ≈ 67 ms).
+    pub qp_timeout: u8,
 }
 
 impl PeerOpts {
@@ -106,6 +108,7 @@ impl PeerOpts {
             rx_depth: 500,
             timeout: Duration::from_secs(60),
             busy_poll: false,
+            qp_timeout: 14,
         }
     }
 
@@ -264,6 +267,7 @@ pub fn mtu_bytes(e: u32) -> u32 {
 /// Our side: one guest with its device on `fabric`, a registered buffer of two slots (send
 /// region, then the receive region the peer targets), a send CQ, a receive CQ and an RC QP.
 struct Endpoint {
+    qp_timeout: u8,
     _vm: Vm,
     d: Driver,
     buf: Buffer,
@@ -319,6 +323,7 @@ impl Endpoint {
         let (attr, mask) = d.rc_params(0, Gid::default()).init_attr();
         d.modify_qp(&qp, &attr, mask).map_err(err("setup"))?;
         Ok(Self {
+            qp_timeout: 14,
             _vm: vm,
             d,
             buf,
@@ -353,7 +358,7 @@ impl Endpoint {
             sq_psn,
             rq_psn,
             path_mtu: mtu,
-            timeout: 14,
+            timeout: self.qp_timeout,
             retry_cnt: 7,
             rnr_retry: 7,
             min_rnr_timer,
@@ -546,7 +551,8 @@ pub fn run(
         Test::SendLat => (opts.iters as u32).min(512),
         _ => 1,
     };
-    let ep = Endpoint::new(fabric, cfg, size, recv_wr, opts.busy_poll)?;
+    let mut ep = Endpoint::new(fabric, cfg, size, recv_wr, opts.busy_poll)?;
+    ep.qp_timeout = opts.qp_timeout.min(31);
     // The send region carries a pattern (perftest/rc_pingpong send whatever is in the buffer).
     let seed = if opts.server.is_some() { 0xc1 } else { 0x5e };
     let sent = vrdma_guest::pattern(seed, size as usize);
