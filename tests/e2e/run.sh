@@ -14,9 +14,25 @@
 # L2 serial log. Prints `RESULT PASS|FAIL name detail` lines and a last line
 # `N passed, N failed`; exits non-zero on any failure. Every stage has a timeout.
 #
+# `run.sh rxe-interop` runs the rdma_rxe interop suite instead (tests/e2e/rxe-interop.sh).
+#
 # Environment: E2E_DIR (default target/e2e), E2E_L2_VCPUS (2), E2E_L2_VRDMA (2),
 # E2E_L2_MEMORY (1G), E2E_L2_CMDLINE_EXTRA (appended to L2's command line), E2E_VMM_LOG_LEVEL (info), E2E_QEMU_TIMEOUT (900 s).
 set -uo pipefail
+
+# `run.sh rxe-interop`: the rdma_rxe interop suite (tests/e2e/rxe-interop.sh). Without an
+# argument: the vrdma-vmm suite below.
+case ${1:-} in
+"") ;;
+rxe-interop)
+    shift
+    exec bash "$(dirname "$0")/rxe-interop.sh" "$@"
+    ;;
+*)
+    echo "usage: $0 [rxe-interop]" >&2
+    exit 2
+    ;;
+esac
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub mod fabric_path;
 pub mod migrate_bench;
 pub mod node;
+pub mod peer;
 pub mod perf;
 pub mod roce_perf;
 pub mod wire;
