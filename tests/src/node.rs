@@ -50,6 +50,46 @@ struct Node {
     node: Option<WireNode>,
     qps: HashMap<u32, Qp>,
     restored: Option<Restored>,
+    /// Destination: guest memory filled from a pre-copy file before the source stops.
+    prepared: Option<Arc<GuestMemoryMmap>>,
+}
+
+/// Writes `(gpa, page)` records of the pages of `mem` that `want` selects.
+fn write_pages(
+    f: &mut impl Write,
+    mem: &GuestMemoryMmap,
+    want: impl Fn(u64, &[u8]) -> bool,
+    gpas: impl Iterator<Item = u64>,
+) -> Result<u64, String> {
+    let mut page = vec![0u8; 4096];
+    let mut n = 0;
+    for gpa in gpas {
+        if mem.read_slice(&mut page, GuestAddress(gpa)).is_ok() && want(gpa, &page) {
+            f.write_all(&gpa.to_le_bytes()).map_err(|e| e.to_string())?;
+            f.write_all(&page).map_err(|e| e.to_string())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Reads `count` page records into `mem`.
+fn read_pages(f: &mut impl Read, mem: &GuestMemoryMmap, count: u64) -> Result<(), String> {
+    let mut rec = vec![0u8; 4104];
+    for _ in 0..count {
+        f.read_exact(&mut rec).map_err(|e| e.to_string())?;
+        let gpa = u64::from_le_bytes(rec[..8].try_into().map_err(|_| "bad record")?);
+        mem.write_slice(&rec[8..], GuestAddress(gpa))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn guest_memory() -> Result<Arc<GuestMemoryMmap>, String> {
+    Ok(Arc::new(
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_RAM as usize)])
+            .map_err(|e| e.to_string())?,
+    ))
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, String> {
@@ -188,11 +228,34 @@ impl Node {
                     _ => return Err("no node".into()),
                 });
             }
+            NodeCmd::MigratePrecopy { path } => {
+                let mem = match (&self.node, &self.restored) {
+                    (Some(n), _) => n.vm.mem.clone(),
+                    (None, Some(x)) => x.mem.clone(),
+                    _ => return Err("no node".into()),
+                };
+                // Start the dirty log, then copy every non-zero page while the guest runs.
+                vrdma_device::dirty::start(&mem);
+                let mut f = std::io::BufWriter::new(
+                    std::fs::File::create(&path).map_err(|e| e.to_string())?,
+                );
+                let size = mem.last_addr().0 + 1;
+                let nonzero = |_: u64, p: &[u8]| p.iter().any(|&b| b != 0);
+                r.count = Some(write_pages(&mut f, &mem, nonzero, (0..size).step_by(4096))?);
+                f.flush().map_err(|e| e.to_string())?;
+            }
+            NodeCmd::MigratePrepare { path, pages } => {
+                let mem = guest_memory()?;
+                let mut f =
+                    std::io::BufReader::new(std::fs::File::open(&path).map_err(|e| e.to_string())?);
+                read_pages(&mut f, &mem, pages)?;
+                self.prepared = Some(mem);
+            }
             NodeCmd::MigrateOut { path } => {
                 r.at_us = Some(self.migrate_out(&path)?);
             }
             NodeCmd::MigrateIn { path, bind } => {
-                let (x, at, state) = migrate_in(&path, parse_ip(&bind)?)?;
+                let (x, at, state) = migrate_in(&path, parse_ip(&bind)?, self.prepared.take())?;
                 r.gid = Some(x.gw.gid().raw);
                 r.count = Some(state);
                 r.at_us = Some(at);
@@ -204,7 +267,8 @@ impl Node {
     }
 
     /// Stops the device (after in-flight work drained, bounded), saves it and the guest memory
-    /// to `path`, and closes the gateway. Returns the wall-clock time of the stop.
+    /// to `path` — the pages dirtied since `MigratePrecopy`, or every non-zero page without
+    /// one — and closes the gateway. Returns the wall-clock time of the stop.
     fn migrate_out(&mut self, path: &str) -> Result<u64, String> {
         // The source is this process's own guest, or one restored here earlier.
         let (transport, mem, gid, buf_pages, page_size, fabric, gw) =
@@ -246,22 +310,23 @@ impl Node {
         dev.stop().map_err(|e| e.to_string())?;
         let at = wall_us();
         let blob = transport.save_state().map_err(|e| e.to_string())?;
+        let log = vrdma_device::dirty::take(&mem);
+        let logged = vrdma_device::dirty::count(&log) > 0;
         let mut pages = Vec::new();
-        let mut page = vec![0u8; 4096];
-        let size = mem.last_addr().0 + 1;
-        for gpa in (0..size).step_by(4096) {
-            if mem.read_slice(&mut page, GuestAddress(gpa)).is_ok() && page.iter().any(|&b| b != 0)
-            {
-                pages.extend_from_slice(&gpa.to_le_bytes());
-                pages.extend_from_slice(&page);
-            }
-        }
+        let n = if logged {
+            let gpas = log.iter().flat_map(|r| r.pages()).collect::<Vec<_>>();
+            write_pages(&mut pages, &mem, |_, _| true, gpas.into_iter())?
+        } else {
+            let size = mem.last_addr().0 + 1;
+            let nonzero = |_: u64, p: &[u8]| p.iter().any(|&b| b != 0);
+            write_pages(&mut pages, &mem, nonzero, (0..size).step_by(4096))?
+        };
         let hdr = MigrationHeader {
             gid,
             blob,
             buf_pages,
             page_size,
-            pages: (pages.len() / 4104) as u64,
+            pages: n,
         };
         let mut f = std::fs::File::create(path).map_err(|e| e.to_string())?;
         let line = serde_json::to_string(&hdr).map_err(|e| e.to_string())?;
@@ -274,25 +339,24 @@ impl Node {
     }
 }
 
-/// Restores a device saved by `migrate_out` behind a gateway on `bind` and resumes it.
-/// Also returns the resume time (wall clock, µs) and the device state's size in bytes.
-fn migrate_in(path: &str, bind: IpAddr) -> Result<(Restored, u64, u64), String> {
+/// Restores a device saved by `migrate_out` behind a gateway on `bind` and resumes it, on
+/// `prepared` memory (filled by a pre-copy) or a fresh one. Also returns the resume time (wall
+/// clock, µs) and the device state's size in bytes.
+fn migrate_in(
+    path: &str,
+    bind: IpAddr,
+    prepared: Option<Arc<GuestMemoryMmap>>,
+) -> Result<(Restored, u64, u64), String> {
     let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let mut f = std::io::BufReader::new(f);
     let mut line = String::new();
     f.read_line(&mut line).map_err(|e| e.to_string())?;
     let hdr: MigrationHeader = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-    let mem = Arc::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_RAM as usize)])
-            .map_err(|e| e.to_string())?,
-    );
-    let mut rec = vec![0u8; 4104];
-    for _ in 0..hdr.pages {
-        f.read_exact(&mut rec).map_err(|e| e.to_string())?;
-        let gpa = u64::from_le_bytes(rec[..8].try_into().map_err(|_| "bad record")?);
-        mem.write_slice(&rec[8..], GuestAddress(gpa))
-            .map_err(|e| e.to_string())?;
-    }
+    let mem = match prepared {
+        Some(m) => m,
+        None => guest_memory()?,
+    };
+    read_pages(&mut f, &mem, hdr.pages)?;
     let fabric = SoftFabric::new();
     let mut cfg = WireConfig::new(bind);
     cfg.gid = Some(Gid { raw: hdr.gid });

@@ -225,8 +225,13 @@ pub struct CrossMigrateStats {
     /// Migrations done.
     pub migrations: usize,
     /// Downtime of each migration: device stopped in one process → running in the next, µs
-    /// (wall clock of the two processes). Includes writing and reading the state file.
+    /// (wall clock of the two processes). Guest pages are pre-copied while the source runs;
+    /// the downtime includes saving the device, writing the state and the pages dirtied since
+    /// the pre-copy to a file, reading them in the other process, restoring and resuming.
     pub downtime_us: Vec<u64>,
+    /// The longest time the peer saw no completion, µs: what the migrations cost the
+    /// application (downtime plus the peer's resend after the resume message).
+    pub max_completion_gap_us: u64,
     /// Bytes of device state (the blob) at the last migration.
     pub state_bytes: u64,
     /// WRs the peer completed (all successful, in order).
@@ -298,10 +303,12 @@ pub fn migrate_across(
     let path = std::env::temp_dir().join(format!("vrdma-migrate-{}.state", std::process::id()));
     let path_s = path.display().to_string();
     let mut hop = 0;
+    let mut last_completion = Instant::now();
     let mut current = Some(current);
     let mut migrating: Option<std::thread::JoinHandle<Result<HopResult, String>>> = None;
     let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    while done < 3 * iters || migrating.is_some() {
+    // Every hop happens (after the traffic, if the traffic ended first).
+    while done < 3 * iters || migrating.is_some() || hop < hops.len() {
         if Instant::now() > deadline {
             return Err(format!("stuck at WR {done} of {}", 3 * iters));
         }
@@ -328,6 +335,11 @@ pub fn migrate_across(
             }
         }
         let n = b.d.poll_cq(&mut b.cq, &mut cqes);
+        if n > 0 {
+            let gap = last_completion.elapsed().as_micros() as u64;
+            st.max_completion_gap_us = st.max_completion_gap_us.max(gap);
+            last_completion = Instant::now();
+        }
         for c in &cqes[..n] {
             if (c.wr_id, c.status) != (done, abi::WC_SUCCESS) {
                 return Err(format!("completion {c:?}, expected WR {done} successful"));
@@ -346,7 +358,7 @@ pub fn migrate_across(
         }
         // Migrations run beside the traffic, as a VMM migrates while the peer keeps working.
         if let (Some(&(at, to)), true) = (hops.get(hop), migrating.is_none()) {
-            if done >= at {
+            if done >= at.min(3 * iters) {
                 let src_node = current.take().ok_or("no node")?;
                 let (exe, args) = (
                     exe.to_path_buf(),
@@ -404,9 +416,10 @@ pub fn migrate_across(
 /// A migrated node: its process, the downtime (µs), the state size and the GID it serves.
 type HopResult = (RemoteNode, u64, u64, [u8; 16]);
 
-/// One migration: a destination process is started (before the stop, as a VMM prepares its
-/// target first), the source saves to `path` and the destination restores at `to`; `down` is
-/// set while the device is stopped.
+/// One migration: a destination process is started and pre-loaded with a pre-copy of guest
+/// memory (before the stop, as a VMM prepares its target first), then the source stops and
+/// saves to `path` and the destination restores at `to`; `down` is set while the device is
+/// stopped.
 fn migrate_hop(
     mut src: RemoteNode,
     exe: &Path,
@@ -417,6 +430,18 @@ fn migrate_hop(
 ) -> Result<HopResult, String> {
     use std::sync::atomic::Ordering;
     let mut dst = RemoteNode::spawn(exe, args, None)?;
+    // Pre-copy: guest pages move while the source runs; only pages dirtied since then move
+    // during the downtime.
+    let pre = format!("{path}.pre");
+    let pages = src
+        .call(&NodeCmd::MigratePrecopy { path: pre.clone() })?
+        .count
+        .unwrap_or(0);
+    dst.call(&NodeCmd::MigratePrepare {
+        path: pre.clone(),
+        pages,
+    })?;
+    let _ = std::fs::remove_file(&pre);
     down.store(true, Ordering::Release);
     let out = src.call(&NodeCmd::MigrateOut {
         path: path.to_string(),

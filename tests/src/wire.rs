@@ -200,6 +200,19 @@ pub enum NodeCmd {
         /// Length.
         len: u64,
     },
+    /// Migration source, while running: start dirty logging and write every non-zero guest
+    /// page to `path` (the pre-copy). Answers with the page count.
+    MigratePrecopy {
+        /// File for the pages.
+        path: String,
+    },
+    /// Migration destination, before the source stops: load `pages` pre-copied pages.
+    MigratePrepare {
+        /// File with the pages.
+        path: String,
+        /// Page count (from `MigratePrecopy`).
+        pages: u64,
+    },
     /// Migration source: quiesce, stop, save the device and guest memory to `path`, close the
     /// gateway.
     MigrateOut {

@@ -712,6 +712,27 @@ impl SoftBackend {
         }
     }
 
+    /// The device of `gid` resumed after a migration: QPs towards it resend everything not
+    /// acknowledged, from the oldest (packets sent while it moved were lost), without spending
+    /// a retry. A QP waiting for an RNR timer keeps waiting.
+    fn go_back(&mut self, ops: &mut dyn DeviceOps, gid: abi::Gid) {
+        let qpns: Vec<u32> = self
+            .qps
+            .slots
+            .iter()
+            .flatten()
+            .filter(|q| q.info.dest_gid == gid && q.sent > 0 && !q.rnr_wait)
+            .map(|q| q.info.qpn)
+            .collect();
+        for qpn in qpns {
+            if let Some(qp) = self.qps.get_mut(&qpn) {
+                qp.unsend_all();
+                qp.deadline = None;
+            }
+            self.pump(ops, qpn);
+        }
+    }
+
     /// Sends the held (delayed) ACKs.
     fn flush_held_acks(&mut self) {
         self.held_until = None;
@@ -1226,6 +1247,9 @@ impl Backend for SoftBackend {
     }
 
     fn process(&mut self, ops: &mut dyn DeviceOps) {
+        for gid in self.port.take_resumed() {
+            self.go_back(ops, gid);
+        }
         let mut inbox = std::mem::take(&mut self.inbox);
         self.port.drain_into(&mut inbox);
         // Packets that arrive meanwhile (e.g. to a QP of this device) put this port on the

@@ -224,6 +224,29 @@ impl SoftFabric {
         Ok(())
     }
 
+    /// A remote device resumed after a migration: every local endpoint resends what its QPs
+    /// towards `gid` have not had acknowledged (go-back-N now, not at the next ACK timeout).
+    pub(crate) fn peer_resumed(&self, gid: Gid) {
+        let ports: Vec<Arc<Port>> = self
+            .ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut work = Work::default();
+        for p in ports {
+            let mut r = p.resumed.lock().unwrap_or_else(|e| e.into_inner());
+            if r.len() < 64 && !r.contains(&gid) {
+                r.push(gid);
+            }
+            drop(r);
+            p.has_resumed.store(true, Ordering::Release);
+            work.add(&p);
+        }
+        self.run(work);
+    }
+
     /// Whether the device of `gid` is paused (stopped for migration): an in-process port, or
     /// a remote device that said so through a wire gateway.
     pub fn is_paused(&self, gid: &Gid) -> bool {
@@ -435,6 +458,10 @@ pub struct Port {
     /// port (a sender that looked the route up just before) are forwarded there.
     moved_to: Mutex<Option<Arc<Port>>>,
     paused: AtomicBool,
+    /// Remote GIDs whose device resumed after a migration (a wire resume message): this
+    /// endpoint's QPs towards them resend what is unacknowledged at once.
+    resumed: Mutex<Vec<Gid>>,
+    has_resumed: AtomicBool,
 }
 
 impl std::fmt::Debug for Port {
@@ -461,6 +488,8 @@ impl Port {
             inbox: Mutex::new(VecDeque::new()),
             moved_to: Mutex::new(None),
             paused: AtomicBool::new(false),
+            resumed: Mutex::new(Vec::new()),
+            has_resumed: AtomicBool::new(false),
         })
     }
 
@@ -511,6 +540,14 @@ impl Port {
                 next.push(pkt)
             }
         }
+    }
+
+    /// Takes the remote GIDs that resumed since the last call (cheap when there are none).
+    pub(crate) fn take_resumed(&self) -> Vec<Gid> {
+        if !self.has_resumed.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.resumed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Moves every pending inbound packet to the back of `out`.

@@ -111,6 +111,11 @@ enum Test {
         /// Runs (each a fresh pair of guests); one line per run.
         #[arg(long, default_value_t = 1)]
         runs: u32,
+        #[command(flatten)]
+        roce: RoceOpts,
+        /// With --roce: migrations per run (alternately to the same address and to a new one).
+        #[arg(long, default_value_t = 4)]
+        hops: u32,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -591,8 +596,16 @@ fn main() -> ExitCode {
             qps,
             mrs,
             runs,
+            roce,
+            hops,
             json,
-        } => migrate(qps, mrs, runs, json),
+        } => {
+            if roce.roce {
+                migrate_roce(&roce, hops, runs, json)
+            } else {
+                migrate(qps, mrs, runs, json)
+            }
+        }
     }
 }
 
@@ -648,4 +661,53 @@ fn migrate(qps: u32, mrs: u32, runs: u32, json: bool) -> ExitCode {
         eprintln!("error: work requests were lost, duplicated or reordered");
         ExitCode::FAILURE
     }
+}
+
+/// `migrate --roce`: a device migrates between processes while its peer (in this process)
+/// keeps writing, reading and fetch-adding over RoCEv2; see `roce_perf::migrate_across`.
+fn migrate_roce(o: &RoceOpts, hops: u32, runs: u32, json: bool) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The second address a device moves to: the remote one with the last octet + 1.
+    let alt = match o.remote_ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut b = v4.octets();
+            b[3] = b[3].wrapping_add(1);
+            std::net::IpAddr::from(b)
+        }
+        ip => ip,
+    };
+    if !json {
+        println!("# vrdma-perf migrate --roce: a device moves between processes ({} and {alt}) while its peer at {} keeps sending", o.remote_ip, o.local_ip);
+        println!("# downtime: stopped in one process -> running in the next (includes writing and reading the state and guest pages through a file)");
+    }
+    const PER_HOP: u64 = 2000;
+    let iters = PER_HOP * (hops as u64 + 1);
+    for _ in 0..runs.max(1) {
+        let plan: Vec<(u64, std::net::IpAddr)> = (1..=hops as u64)
+            .map(|k| (3 * PER_HOP * k, if k % 2 == 1 { o.remote_ip } else { alt }))
+            .collect();
+        match roce_perf::migrate_across(&exe, &["node"], o.remote_ip, o.local_ip, &plan, iters) {
+            Ok(st) => {
+                if json {
+                    println!("{}", serde_json::to_string(&st).unwrap_or_default());
+                } else {
+                    println!(
+                        " migrations {}  downtime_us {:?}  max_completion_gap_us {}  state_bytes {}  ops_total {}  ops_during {}  ops_lost {}  ops_duplicated {}",
+                        st.migrations, st.downtime_us, st.max_completion_gap_us, st.state_bytes, st.ops_total, st.ops_during, st.ops_lost, st.ops_duplicated
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("error: migrate --roce: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -233,6 +233,8 @@ pub struct WireGateway {
     seen: Mutex<HashSet<SocketAddr>>,
     stats: Counters,
     stop: AtomicBool,
+    /// Wakes the receive thread out of `poll` when the gateway closes.
+    stop_evt: vmm_sys_util::eventfd::EventFd,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -264,15 +266,23 @@ fn set_int_opt(sock: &UdpSocket, level: i32, name: i32, value: i32) -> std::io::
     }
 }
 
-/// Waits up to `ms` for `sock` to become readable.
-fn wait_readable(sock: &UdpSocket, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one valid pollfd on the stack and we pass a count of 1.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+/// Waits until `sock` is readable or `stop` is signalled; returns whether `sock` is readable.
+fn wait_readable(sock: &UdpSocket, stop: &vmm_sys_util::eventfd::EventFd) -> bool {
+    let mut pfd = [
+        libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `pfd` is an array of two valid pollfds on the stack and we pass its length.
+    let n = unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, -1) };
+    n > 0 && pfd[0].revents & libc::POLLIN != 0
 }
 
 /// A UDP socket bound to `addr` and set up as the gateway's are: IPv4 "don't fragment" with IP
@@ -338,6 +348,7 @@ impl WireGateway {
             seen: Mutex::new(HashSet::new()),
             stats: Counters::default(),
             stop: AtomicBool::new(false),
+            stop_evt: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
             thread: Mutex::new(None),
             cfg,
         })
@@ -524,7 +535,7 @@ impl WireGateway {
         }
     }
 
-    fn control(&self, from: SocketAddr, payload: &[u8]) {
+    fn control(&self, from: SocketAddr, payload: &[u8], fabric: &SoftFabric) {
         if payload.len() < 21 || &payload[..4] != CONTROL_MAGIC {
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -556,6 +567,7 @@ impl WireGateway {
                 }
                 drop((loc, rev));
                 self.note_peer(at);
+                fabric.peer_resumed(gid);
             }
             _ => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -591,7 +603,7 @@ impl WireGateway {
             }
         }
         if parsed.hdr.bth.opcode == CONTROL_OPCODE {
-            self.control(from, parsed.payload);
+            self.control(from, parsed.payload, fabric);
             return;
         }
         let src = self.gid_of(from.ip());
@@ -612,7 +624,7 @@ impl WireGateway {
         let mut buf = vec![0u8; 65536];
         let mut peers = HashSet::new();
         while !self.stop.load(Ordering::Acquire) {
-            if !wait_readable(&sock, 100) {
+            if !wait_readable(&sock, &self.stop_evt) {
                 continue;
             }
             let Some(f) = fabric.upgrade() else {
@@ -639,6 +651,7 @@ impl WireGateway {
     /// Stops the receive thread and closes the sockets.
     fn close(&self) {
         self.stop.store(true, Ordering::Release);
+        let _ = self.stop_evt.write(1);
         let h = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = h {
             if h.thread().id() != std::thread::current().id() {
