@@ -191,15 +191,6 @@ pub fn gid_str(g: &Gid) -> String {
     std::net::Ipv6Addr::from(g.raw).to_string()
 }
 
-/// The IPv4-mapped (RoCE v2) GID of an IPv4 address; an IPv6 address as it is.
-pub fn gid_of_ip(ip: IpAddr) -> Gid {
-    let raw = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    Gid { raw }
-}
-
 /// A failed run: at which stage and why.
 #[derive(Clone, Debug)]
 pub struct PeerError {

@@ -492,27 +492,7 @@ impl WireGateway {
             if dst.is_ipv4() != self.cfg.addr.is_ipv4() {
                 continue;
             }
-            let hdr = Headers {
-                bth: Bth {
-                    opcode: CONTROL_OPCODE,
-                    solicited: false,
-                    mig_req: false,
-                    pad: 0,
-                    tver: 0,
-                    pkey: 0xffff,
-                    fecn: false,
-                    becn: false,
-                    dest_qp: 0,
-                    ack_req: false,
-                    psn: 0,
-                },
-                deth: None,
-                reth: None,
-                atomic: None,
-                aeth: None,
-                atomic_ack: None,
-                imm: None,
-            };
+            let hdr = Headers::new(Bth::new(CONTROL_OPCODE, 0, 0));
             let mut d = Vec::with_capacity(64);
             if vrdma_roce::write_headers(&hdr, payload.len(), &mut d).is_err() {
                 return;

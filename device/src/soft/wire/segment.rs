@@ -89,29 +89,9 @@ pub(crate) struct Route<'a> {
 
 fn bth(pkt: &Packet, opcode: u8, index: u32, solicited: bool, ack_req: bool) -> Bth {
     Bth {
-        opcode,
         solicited,
-        mig_req: false,
-        pad: 0,
-        tver: 0,
-        pkey: 0xffff,
-        fecn: false,
-        becn: false,
-        dest_qp: pkt.dst_qpn & psn::MASK,
         ack_req,
-        psn: psn::add(pkt.psn, index),
-    }
-}
-
-fn headers(bth: Bth) -> Headers {
-    Headers {
-        bth,
-        deth: None,
-        reth: None,
-        atomic: None,
-        aeth: None,
-        atomic_ack: None,
-        imm: None,
+        ..Bth::new(opcode, pkt.dst_qpn & psn::MASK, psn::add(pkt.psn, index))
     }
 }
 
@@ -202,7 +182,7 @@ pub(crate) fn encode(
             emit,
         ),
         Body::ReadReq { addr, rkey, len } => {
-            let mut h = headers(bth(pkt, opcode::RC_READ_REQUEST, 0, false, true));
+            let mut h = Headers::new(bth(pkt, opcode::RC_READ_REQUEST, 0, false, true));
             h.reth = Some(Reth {
                 va: *addr,
                 rkey: *rkey,
@@ -215,7 +195,7 @@ pub(crate) fn encode(
                 AtomicOp::CmpSwap { compare, swap } => (opcode::RC_COMPARE_SWAP, swap, compare),
                 AtomicOp::FetchAdd { add } => (opcode::RC_FETCH_ADD, add, 0),
             };
-            let mut h = headers(bth(pkt, code, 0, false, true));
+            let mut h = Headers::new(bth(pkt, code, 0, false, true));
             h.atomic = Some(AtomicEth {
                 va: *addr,
                 rkey: *rkey,
@@ -225,12 +205,12 @@ pub(crate) fn encode(
             one(h, &Payload::Empty, buf, emit)
         }
         Body::Ack { syndrome, msn } => {
-            let mut h = headers(bth(pkt, opcode::RC_ACKNOWLEDGE, 0, false, false));
+            let mut h = Headers::new(bth(pkt, opcode::RC_ACKNOWLEDGE, 0, false, false));
             h.aeth = Some(aeth_of(*syndrome, *msn & psn::MASK));
             one(h, &Payload::Empty, buf, emit)
         }
         Body::AtomicAck { orig } => {
-            let mut h = headers(bth(pkt, opcode::RC_ATOMIC_ACKNOWLEDGE, 0, false, false));
+            let mut h = Headers::new(bth(pkt, opcode::RC_ATOMIC_ACKNOWLEDGE, 0, false, false));
             h.aeth = Some(Aeth::ack(0));
             h.atomic_ack = Some(AtomicAckEth { orig: *orig });
             one(h, &Payload::Empty, buf, emit)
@@ -246,7 +226,7 @@ pub(crate) fn encode(
             } else {
                 opcode::UD_SEND_ONLY
             };
-            let mut h = headers(bth(pkt, code, 0, *solicited, false));
+            let mut h = Headers::new(bth(pkt, code, 0, *solicited, false));
             h.deth = Some(Deth {
                 qkey: *qkey,
                 src_qp: pkt.src_qpn & psn::MASK,
@@ -279,7 +259,7 @@ fn message(
         let (first, last) = (i == 0, i == n - 1);
         let chunk = if last { len - i * mtu } else { mtu };
         let code = vrdma_roce::segment_opcode(kind, i as usize, n as usize);
-        let mut h = headers(bth(
+        let mut h = Headers::new(bth(
             pkt,
             code,
             i as u32,
