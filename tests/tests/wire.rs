@@ -419,3 +419,62 @@ fn malformed_datagrams_are_dropped() {
     assert_eq!(b.buf.read_vec(8192, 3000), data);
     assert!(b.buf.read_vec(0, 64).iter().all(|&x| x == 0));
 }
+
+/// UD across the wire: datagrams with and without immediate data reach the right QP with the
+/// sender's QPN (from the DETH), a GRH carrying the sender's GID, and the right Q_Key; a wrong
+/// Q_Key is dropped.
+#[test]
+fn ud_datagrams_cross_the_wire() {
+    use vrdma_guest::{ah_attr_for, QpInitAttr};
+    const QKEY: u32 = 0x2222_0002;
+    let (mut a, mut b) = pair(5, 1 << 20, None);
+    let ud = |n: &WireNode| {
+        n.d.create_qp(
+            n.pd,
+            &QpInitAttr {
+                qp_type: abi::QPT_UD,
+                ..QpInitAttr::rc(&n.cq)
+            },
+        )
+        .unwrap()
+    };
+    let (mut qa, mut qb) = (ud(&a), ud(&b));
+    a.d.connect_ud(&qa, 0x1111_0001).unwrap();
+    b.d.connect_ud(&qb, QKEY).unwrap();
+    let ah = a.d.create_ah(a.pd, &ah_attr_for(b.gid())).unwrap();
+    let data = pattern(9, 4000);
+    a.buf.write(0, &data);
+    b.d.post_recv(
+        &mut qb,
+        &[
+            RecvWr::new(300, &[b.mr.sge(0, 40 + 2000)]),
+            RecvWr::new(301, &[b.mr.sge(8192, 40 + 2000)]),
+        ],
+    )
+    .unwrap();
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::ud_send(1, &[a.mr.sge(0, 1000)], ah, qb.qpn(), QKEY ^ 1),
+            SendWr::ud_send(2, &[a.mr.sge(0, 1500)], ah, qb.qpn(), QKEY),
+            SendWr::ud_send(3, &[a.mr.sge(1500, 2000)], ah, qb.qpn(), QKEY).with_imm(0xabcd),
+        ],
+    )
+    .unwrap();
+    let c = poll_exact(&a.d, &mut a.cq, 3);
+    assert!(c.iter().all(|c| c.status == OK), "{c:?}");
+    let r = poll_exact(&b.d, &mut b.cq, 2);
+    assert_eq!(
+        (r[0].wr_id, r[0].status, r[0].byte_len, r[0].src_qp),
+        (300, OK, 1540, qa.qpn())
+    );
+    assert_eq!(
+        (r[1].wr_id, r[1].status, r[1].byte_len, r[1].src_qp),
+        (301, OK, 2040, qa.qpn())
+    );
+    assert_eq!(r[1].imm_data, 0xabcd);
+    assert_ne!(r[1].wc_flags & abi::WC_F_WITH_IMM, 0);
+    assert_eq!(b.buf.read_vec(8, 16), a.gid().raw, "GRH source GID");
+    assert_eq!(b.buf.read_vec(40, 1500), data[..1500]);
+    assert_eq!(b.buf.read_vec(8192 + 40, 2000), data[1500..3500]);
+}

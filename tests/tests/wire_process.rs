@@ -152,9 +152,25 @@ impl Netns {
         ));
         run(&format!("-n {a} addr add 10.98.0.1/24 dev va{id}"));
         run(&format!("-n {b} addr add 10.98.0.2/24 dev vb{id}"));
+        // IPv6 too (no duplicate address detection: the addresses are usable at once).
+        run(&format!("-n {a} addr add fd98::1/64 dev va{id} nodad"));
+        run(&format!("-n {b} addr add fd98::2/64 dev vb{id} nodad"));
         for (ns, dev) in [(a, format!("va{id}")), (b, format!("vb{id}"))] {
             run(&format!("-n {ns} link set {dev} up"));
             run(&format!("-n {ns} link set lo up"));
+        }
+        // IPv6 is usable once no address is tentative (the link-local ones go through
+        // duplicate address detection when the link comes up); until then the first datagrams
+        // can vanish, as on any host whose network is still coming up.
+        let settled = |ns: &str| {
+            std::process::Command::new("ip")
+                .args(["-n", ns, "-6", "addr", "show", "tentative"])
+                .output()
+                .is_ok_and(|o| o.status.success() && o.stdout.is_empty())
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !(settled(a) && settled(b)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
         Some(n)
     }
@@ -171,15 +187,20 @@ impl Drop for Netns {
 }
 
 /// Two devices in two processes in two network namespaces ("hosts" joined by veth), the
-/// Ethernet MTU 1500 so RoCE path MTU 1024: writes both ways, data checked from each process.
+/// Ethernet MTU 1500 so RoCE path MTU 1024: writes both ways, data checked from each process;
+/// over IPv4 (IPv4-mapped GIDs) and over IPv6 (the addresses are the GIDs).
 #[test]
 fn two_processes_in_two_network_namespaces() {
     let Some(ns) = Netns::new() else {
         eprintln!("SKIPPED: needs root and iproute2 (ip netns)");
         return;
     };
-    let a_ip: IpAddr = "10.98.0.1".parse().unwrap();
-    let b_ip: IpAddr = "10.98.0.2".parse().unwrap();
+    for (a, b) in [("10.98.0.1", "10.98.0.2"), ("fd98::1", "fd98::2")] {
+        writes_both_ways(&ns, a.parse().unwrap(), b.parse().unwrap());
+    }
+}
+
+fn writes_both_ways(ns: &Netns, a_ip: IpAddr, b_ip: IpAddr) {
     let (mut a, ainfo, aqpn) = child(a_ip, Some(&ns.names[0]));
     let (mut b, binfo, bqpn) = child(b_ip, Some(&ns.names[1]));
     let (agid, bgid) = (

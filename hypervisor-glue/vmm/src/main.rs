@@ -43,6 +43,12 @@ pub struct Args {
     /// Number of vrdma devices (0..=8), all attached to one soft fabric in this process.
     #[arg(long, default_value_t = 1)]
     pub vrdma: u32,
+    /// Local IP addresses for the vrdma devices' RoCEv2 presence (comma-separated, one per
+    /// device, in order): device i gets the GID of the i-th address and reaches devices in other
+    /// processes and hosts, Linux rdma_rxe and RoCE NICs over UDP port 4791. Devices without an
+    /// address stay on the in-process fabric only.
+    #[arg(long, value_delimiter = ',')]
+    pub roce_addr: Vec<std::net::IpAddr>,
     /// Log level of the VMM and the device (error, warn, info, debug, trace); messages go to
     /// stderr.
     #[arg(long, default_value = "warn")]

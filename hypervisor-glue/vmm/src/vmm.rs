@@ -15,6 +15,7 @@ use thiserror::Error;
 use tracing::{debug, error, info, warn};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vrdma_device::soft::wire::{gid_from_ip, WireConfig};
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::{DeviceConfig, GuestMemoryMmap, Vrdma};
 use vrdma_glue::kvm::{register_guest_memory, wire_mmio_device, KvmError};
@@ -152,13 +153,22 @@ pub fn run(args: &Args) -> Result<u8, Error> {
     let mut bus = MmioBus::new();
     let mut subscribers: Vec<Arc<dyn EventSubscriber + Send + Sync>> = Vec::new();
     let mut described = Vec::new();
+    let mut gateways = Vec::new();
     for i in 0..args.vrdma {
         let (base, gsi) = (vrdma_window(i), VRDMA_FIRST_GSI + i);
-        let dev = Vrdma::new(
-            DeviceConfig::with_gid(DeviceConfig::gid_for_id(i + 1)),
-            &fabric,
-        )
-        .map_err(|e| Error::Device(e.to_string()))?;
+        let gid = match args.roce_addr.get(i as usize) {
+            Some(&ip) => {
+                let gw = fabric
+                    .attach_wire(WireConfig::new(ip))
+                    .map_err(|e| Error::Device(format!("RoCEv2 gateway on {ip}: {e}")))?;
+                info!(device = i, %ip, "vrdma RoCEv2 gateway");
+                gateways.push(gw);
+                gid_from_ip(ip)
+            }
+            None => DeviceConfig::gid_for_id(i + 1),
+        };
+        let dev = Vrdma::new(DeviceConfig::with_gid(gid), &fabric)
+            .map_err(|e| Error::Device(e.to_string()))?;
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
         let transport = Arc::new(MmioTransport::new(dev, mem.clone(), irq));
         let events =
