@@ -191,6 +191,8 @@ impl FaultState {
 struct TxState {
     buf: Vec<u8>,
     faults: Option<FaultState>,
+    /// The last destination recorded in `seen` (skips the set for runs to one peer).
+    last_peer: Option<SocketAddr>,
 }
 
 struct Sockets {
@@ -341,6 +343,7 @@ impl WireGateway {
             tx: Mutex::new(TxState {
                 buf: Vec::with_capacity(4200),
                 faults,
+                last_peer: None,
             }),
             locations: RwLock::new(HashMap::new()),
             by_addr: RwLock::new(HashMap::new()),
@@ -434,7 +437,13 @@ impl WireGateway {
             dport: dst.port(),
         };
         let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let TxState { buf, faults } = &mut *tx;
+        let TxState {
+            buf,
+            faults,
+            last_peer,
+        } = &mut *tx;
+        let new_peer = *last_peer != Some(dst);
+        *last_peer = Some(dst);
         let stats = &self.stats;
         let mut emit = |d: &[u8]| {
             let send = |s: &UdpSocket, d: &[u8], to: SocketAddr| match s.send_to(d, to) {
@@ -468,7 +477,9 @@ impl WireGateway {
         segment::encode(pkt, &route, buf, &mut emit);
         drop(tx);
         drop(guard);
-        self.note_peer(dst);
+        if new_peer {
+            self.note_peer(dst);
+        }
     }
 
     fn note_peer(&self, a: SocketAddr) {
