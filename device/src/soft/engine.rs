@@ -219,6 +219,11 @@ pub struct SoftBackend {
     /// QPs with an `ack_due` held back (delayed ACKs), and until when at most.
     held_acks: Vec<u32>,
     held_until: Option<Instant>,
+    /// A timer was armed or a delayed ACK held since the last [`SoftBackend::reschedule`].
+    timers_changed: bool,
+    /// Packets sent during the current device entry, routed together when it ends
+    /// ([`SoftBackend::take_work`]): one inbox lock per destination instead of one per packet.
+    outbox: Vec<Packet>,
     work: Work,
 }
 
@@ -244,6 +249,8 @@ impl SoftBackend {
             acks: Vec::new(),
             held_acks: Vec::new(),
             held_until: None,
+            timers_changed: false,
+            outbox: Vec::new(),
             work: Work::default(),
         }
     }
@@ -251,6 +258,11 @@ impl SoftBackend {
     /// Ports that received packets since the last call. Ends the current device entry.
     pub fn take_work(&mut self) -> Work {
         self.now = None;
+        if !self.outbox.is_empty() {
+            self.port
+                .fabric()
+                .route_all(&mut self.outbox, &mut self.route_cache, &mut self.work);
+        }
         std::mem::take(&mut self.work)
     }
 
@@ -269,10 +281,9 @@ impl SoftBackend {
         self.port.clear();
     }
 
+    /// Sends a packet: it leaves, in order, when the device entry ends.
     fn send(&mut self, pkt: Packet) {
-        self.port
-            .fabric()
-            .route_cached(pkt, &mut self.route_cache, &mut self.work);
+        self.outbox.push(pkt);
     }
 
     fn reply(&mut self, req: &Packet, psn: u32, body: Body) {
@@ -360,6 +371,7 @@ impl SoftBackend {
     fn arm_timer(&mut self, qpn: u32, at: Instant) {
         if let Some(qp) = self.qps.get_mut(&qpn) {
             qp.deadline = Some(at);
+            self.timers_changed = true;
             if !self.timed.contains(&qpn) {
                 self.timed.push(qpn);
             }
@@ -475,7 +487,7 @@ impl SoftBackend {
 
     // ---- responder --------------------------------------------------------------------------
 
-    fn respond(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
+    fn respond(&mut self, ops: &mut dyn DeviceOps, mut pkt: Packet) {
         let qpn = pkt.dst_qpn;
         let Some(qp) = self.qps.get_mut(&qpn) else {
             return; // Unknown QPN: dropped, as on a wire.
@@ -518,7 +530,8 @@ impl SoftBackend {
         }
         qp.nak_sent = false;
         let last = psn::add(pkt.psn, npsn - 1);
-        let body = pkt.body.clone();
+        // The body moves out (no clone of its payload); replies need only the header.
+        let body = std::mem::replace(&mut pkt.body, nak(Syndrome::Ack));
         match body {
             Body::Send {
                 imm,
@@ -706,6 +719,7 @@ impl SoftBackend {
             }
             if self.held_until.is_none() {
                 self.held_until = Some(self.now() + ACK_DELAY);
+                self.timers_changed = true;
             }
         } else if first || held > 0 {
             self.acks.push(req.dst_qpn);
@@ -1036,6 +1050,7 @@ impl SoftBackend {
     }
 
     fn reschedule(&mut self) {
+        self.timers_changed = false;
         if self.timed.is_empty() && self.held_until.is_none() {
             return;
         }
@@ -1078,7 +1093,7 @@ fn payload_of(mem: &Arc<crate::GuestMemoryMmap>, wr: &SendWr) -> Payload {
         None if wr.local.is_empty() => Payload::Empty,
         None => Payload::Guest {
             mem: mem.clone(),
-            segs: wr.local.clone(),
+            segs: SegList::from_slice(&wr.local),
         },
     }
 }
@@ -1243,7 +1258,10 @@ impl Backend for SoftBackend {
             sent: false,
         });
         self.pump(ops, qpn);
-        self.reschedule();
+        // Only a newly armed timer can move the next deadline earlier.
+        if self.timers_changed {
+            self.reschedule();
+        }
     }
 
     fn process(&mut self, ops: &mut dyn DeviceOps) {
