@@ -162,10 +162,30 @@ impl Driver {
         let mut prod = qp.sq_prod;
         // One WQE is assembled on the stack and stored with one access, as a guest's plain
         // stores into its ring slot would be (slots never cross a page).
-        let mut buf = [0u8; abi::MAX_STRIDE as usize];
+        let mut buf = [0u8; 256];
         for wr in wrs {
             let slot = qp.sq.slot_gpa(prod);
             let hdr = abi::SEND_WQE_HDR as usize;
+            let body = match wr.inline {
+                Some(d) => d.len(),
+                None => wr.sges.len() * abi::SGE_SIZE as usize,
+            };
+            if hdr + body > buf.len() {
+                // Large WQEs: header and body written separately.
+                self.write_guest(send_wqe_header(qp.qp_type, wr).as_slice(), slot)?;
+                let at = slot.unchecked_add(hdr as u64);
+                match wr.inline {
+                    Some(d) => self.write_guest(d, at)?,
+                    None => {
+                        for (k, sge) in wr.sges.iter().enumerate() {
+                            let off = k as u64 * abi::SGE_SIZE as u64;
+                            self.write_guest(sge.as_slice(), at.unchecked_add(off))?;
+                        }
+                    }
+                }
+                prod = prod.wrapping_add(1);
+                continue;
+            }
             buf[..hdr].copy_from_slice(send_wqe_header(qp.qp_type, wr).as_slice());
             let len = match wr.inline {
                 Some(d) => {

@@ -223,7 +223,7 @@ pub struct SoftBackend {
     timers_changed: bool,
     /// Packets sent during the current device entry, routed together when it ends
     /// ([`SoftBackend::take_work`]): one inbox lock per destination instead of one per packet.
-    outbox: Vec<Packet>,
+    outbox: VecDeque<Packet>,
     work: Work,
 }
 
@@ -250,7 +250,7 @@ impl SoftBackend {
             held_acks: Vec::new(),
             held_until: None,
             timers_changed: false,
-            outbox: Vec::new(),
+            outbox: VecDeque::new(),
             work: Work::default(),
         }
     }
@@ -283,7 +283,7 @@ impl SoftBackend {
 
     /// Sends a packet: it leaves, in order, when the device entry ends.
     fn send(&mut self, pkt: Packet) {
-        self.outbox.push(pkt);
+        self.outbox.push_back(pkt);
     }
 
     fn reply(&mut self, req: &Packet, psn: u32, body: Body) {

@@ -325,11 +325,22 @@ impl SoftFabric {
     /// one inbox lock per run of consecutive packets to the same destination.
     pub(crate) fn route_all(
         &self,
-        pkts: &mut Vec<Packet>,
+        pkts: &mut VecDeque<Packet>,
         cache: &mut RouteCache,
         work: &mut Work,
     ) {
         let epoch = self.epoch.load(Ordering::Acquire);
+        // The common case, every packet to one in-process port: the buffer itself is handed
+        // over (no per-packet move) when that port's inbox is empty.
+        if let (Some((gid, e, Target::Port(p))), Some(first)) = (&cache.0, pkts.front()) {
+            if *gid == first.dst && *e == epoch && pkts.iter().all(|q| q.dst == *gid) {
+                let p = p.clone();
+                let (got, n) = p.push_deque(pkts);
+                self.delivered.fetch_add(n, Ordering::Relaxed);
+                work.add(&got);
+                return;
+            }
+        }
         let mut it = pkts.drain(..).peekable();
         while let Some(first) = it.next() {
             let dst = first.dst;
@@ -565,6 +576,32 @@ impl Port {
             Some(next) => {
                 drop(inbox);
                 next.push(pkt)
+            }
+        }
+    }
+
+    /// Queues every packet of `pkts` (emptied) in order under one inbox lock, swapping the
+    /// buffers when the inbox is empty; returns the port that now holds them and how many.
+    fn push_deque(self: &Arc<Self>, pkts: &mut VecDeque<Packet>) -> (Arc<Port>, u64) {
+        let n = pkts.len() as u64;
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self
+            .moved_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match next {
+            None => {
+                if inbox.is_empty() {
+                    std::mem::swap(&mut *inbox, pkts);
+                } else {
+                    inbox.extend(pkts.drain(..));
+                }
+                (self.clone(), n)
+            }
+            Some(next) => {
+                drop(inbox);
+                next.push_deque(pkts)
             }
         }
     }
