@@ -192,8 +192,8 @@ impl Core {
         });
     }
 
-    /// Reads `n` SGEs at `at` in guest memory and resolves them in the QP's PD, one at a time
-    /// (no intermediate list). `write` = the device writes into them.
+    /// Reads `n` SGEs at `at` in guest memory and resolves them in the QP's PD.
+    /// `write` = the device writes into them.
     fn resolve_sges(
         &self,
         mem: &GuestMemoryMmap,
@@ -203,11 +203,35 @@ impl Core {
         write: bool,
         out: &mut SegList,
     ) -> Result<u64, WqeError> {
+        let mut buf = [0u8; 4 * abi::SGE_SIZE as usize];
+        let bytes = n * abi::SGE_SIZE as usize;
+        if bytes <= buf.len() {
+            if !gm::read_bytes(mem, at, &mut buf[..bytes]) {
+                return Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE));
+            }
+            return self.resolve_sge_bytes(&buf[..bytes], pd, write, out);
+        }
+        let mut v = vec![0u8; bytes];
+        if !gm::read_bytes(mem, at, &mut v) {
+            return Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE));
+        }
+        self.resolve_sge_bytes(&v, pd, write, out)
+    }
+
+    /// Resolves the SGEs copied out of a WQE (`bytes`: a whole number of SGEs) in the QP's PD,
+    /// one at a time (no intermediate list). `write` = the device writes into them.
+    fn resolve_sge_bytes(
+        &self,
+        bytes: &[u8],
+        pd: u32,
+        write: bool,
+        out: &mut SegList,
+    ) -> Result<u64, WqeError> {
         let bad_sge = (abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE);
         let mut total = 0u64;
-        for i in 0..n as u64 {
-            let s = gm::read_obj::<abi::Sge>(mem, at + i * abi::SGE_SIZE as u64)
-                .ok_or((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))?;
+        for raw in bytes.chunks_exact(abi::SGE_SIZE as usize) {
+            let mut s = abi::Sge::default();
+            s.as_mut_slice().copy_from_slice(raw);
             let mr = self.mrs.get(s.lkey).filter(|m| m.pd == pd).ok_or(bad_sge)?;
             if write && mr.access & abi::ACCESS_LOCAL_WRITE == 0 {
                 return Err(bad_sge);
@@ -227,12 +251,19 @@ impl Core {
     fn parse_send(&self, qp: &Qp, idx: u32) -> SendWr {
         let mem = self.mem.as_ref().expect("active");
         let slot = qp.sq.slot(idx);
-        let Some(w) = gm::read_obj::<abi::SendWqe>(mem, slot) else {
+        // One copy of the slot's head: the header and, usually, the whole SGE list or inline
+        // data (a slot never crosses a page, so neither does its head).
+        let mut head = [0u8; 128];
+        let head_len = (qp.sq.stride as usize).min(head.len());
+        if !gm::read_bytes(mem, slot, &mut head[..head_len]) {
             return SendWr {
                 error: Some((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE)),
                 ..Default::default()
             };
-        };
+        }
+        let hdr = abi::SEND_WQE_HDR as usize;
+        let mut w = abi::SendWqe::default();
+        w.as_mut_slice().copy_from_slice(&head[..hdr]);
         let mut wr = SendWr {
             wr_id: w.wr_id,
             opcode: w.opcode,
@@ -249,7 +280,7 @@ impl Core {
             swap: w.swap,
             ..Default::default()
         };
-        if let Err(e) = self.fill_send(qp, slot, &w, &mut wr) {
+        if let Err(e) = self.fill_send(qp, slot, &w, &head[hdr..head_len], &mut wr) {
             wr.error = Some(e);
             wr.local.clear();
             wr.inline = None;
@@ -262,6 +293,7 @@ impl Core {
         qp: &Qp,
         slot: u64,
         w: &abi::SendWqe,
+        body: &[u8],
         wr: &mut SendWr,
     ) -> Result<(), WqeError> {
         let mem = self.mem.as_ref().expect("active");
@@ -303,24 +335,35 @@ impl Core {
             if w.inline_len > qp.max_inline {
                 return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_WQE));
             }
-            let mut data = vec![0u8; w.inline_len as usize];
-            if !gm::read_bytes(mem, slot + abi::SEND_WQE_HDR as u64, &mut data) {
-                return Err(bad);
-            }
+            let n = w.inline_len as usize;
+            let data = match body.get(..n) {
+                Some(b) => b.to_vec(),
+                None => {
+                    let mut data = vec![0u8; n];
+                    if !gm::read_bytes(mem, slot + abi::SEND_WQE_HDR as u64, &mut data) {
+                        return Err(bad);
+                    }
+                    data
+                }
+            };
             wr.len = data.len() as u64;
             wr.inline = Some(data);
         } else {
             if w.num_sge as u32 > qp.max_send_sge {
                 return Err(bad);
             }
-            wr.len = self.resolve_sges(
-                mem,
-                slot + abi::SEND_WQE_HDR as u64,
-                w.num_sge as usize,
-                qp.pd,
-                scatter,
-                &mut wr.local,
-            )?;
+            let n = w.num_sge as usize;
+            wr.len = match body.get(..n * abi::SGE_SIZE as usize) {
+                Some(b) => self.resolve_sge_bytes(b, qp.pd, scatter, &mut wr.local)?,
+                None => self.resolve_sges(
+                    mem,
+                    slot + abi::SEND_WQE_HDR as u64,
+                    n,
+                    qp.pd,
+                    scatter,
+                    &mut wr.local,
+                )?,
+            };
         }
         if atomic && (wr.len != 8 || !w.remote_addr.is_multiple_of(8)) {
             return Err(bad);
@@ -717,6 +760,20 @@ impl State {
             return;
         }
         let depth = qp.sq.depth as usize;
+        let published = qp.sq_cons;
+        self.fetch_sq(qpn, prod, depth);
+        // The consumer index is published once for everything fetched (ABI §9.2: after the
+        // copies), not per WQE. A failure meanwhile may have flushed the ring and published a
+        // later index itself; this store repeats the device's current one.
+        if let Some(qp) = self.core.qps.get(qpn) {
+            if qp.sq_cons != published {
+                qp.sq.set_cons(&mem, qp.sq_cons);
+            }
+        }
+    }
+
+    /// Fetches and executes the WQEs of an RTS QP up to `prod` (see [`State::process_sq`]).
+    fn fetch_sq(&mut self, qpn: u32, prod: u32, depth: usize) {
         loop {
             let Some(qp) = self.core.qps.get_mut(qpn) else {
                 return;
@@ -734,7 +791,6 @@ impl State {
                 .parse_send(self.core.qps.get(qpn).expect("exists"), idx);
             let qp = self.core.qps.get_mut(qpn).expect("exists");
             qp.sq_cons = idx.wrapping_add(1);
-            qp.sq.set_cons(&mem, qp.sq_cons);
             self.backend.post_send(&mut self.core, qpn, wr);
             // A CQ overflow caused by this WR fails QPs (maybe this one) before the next fetch.
             self.apply_failures();
