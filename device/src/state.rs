@@ -151,6 +151,8 @@ pub(crate) struct State {
     /// The last pre-copy of this migration attempt ([`State::save_precopy`]).
     pub precopy: Option<crate::persist::PrecopyBase>,
     port: Arc<Port>,
+    /// Reused buffer for copying send WQEs out of an SQ (a run of slots per access).
+    sq_buf: Vec<u8>,
 }
 
 /// Error status + vendor detail of a malformed WQE.
@@ -248,20 +250,18 @@ impl Core {
     }
 
     /// Reads and validates the send WQE at SQ index `idx` of `qp`.
-    fn parse_send(&self, qp: &Qp, idx: u32) -> SendWr {
-        let mem = self.mem.as_ref().expect("active");
+    /// Validates the send WQE at SQ index `idx` of `qp` from `copy`, the copy of its whole slot
+    /// (`None`: the slot could not be read).
+    fn parse_send(&self, qp: &Qp, idx: u32, copy: Option<&[u8]>) -> SendWr {
         let slot = qp.sq.slot(idx);
-        // One copy of the slot's head: the header and, usually, the whole SGE list or inline
-        // data (a slot never crosses a page, so neither does its head).
-        let mut head = [0u8; 128];
-        let head_len = (qp.sq.stride as usize).min(head.len());
-        if !gm::read_bytes(mem, slot, &mut head[..head_len]) {
+        let hdr = abi::SEND_WQE_HDR as usize;
+        let Some(head) = copy.filter(|c| c.len() >= hdr) else {
             return SendWr {
                 error: Some((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE)),
                 ..Default::default()
             };
-        }
-        let hdr = abi::SEND_WQE_HDR as usize;
+        };
+        let head_len = head.len();
         let mut w = abi::SendWqe::default();
         w.as_mut_slice().copy_from_slice(&head[..hdr]);
         let mut wr = SendWr {
@@ -692,6 +692,7 @@ impl State {
             backend: SoftBackend::new(port.clone()),
             precopy: None,
             port,
+            sq_buf: Vec::new(),
         }
     }
 
@@ -774,6 +775,23 @@ impl State {
 
     /// Fetches and executes the WQEs of an RTS QP up to `prod` (see [`State::process_sq`]).
     fn fetch_sq(&mut self, qpn: u32, prod: u32, depth: usize) {
+        let mut buf = std::mem::take(&mut self.sq_buf);
+        if let Some(mem) = self.core.mem.clone() {
+            self.fetch_sq_with(&mem, qpn, prod, depth, &mut buf);
+        }
+        self.sq_buf = buf;
+    }
+
+    fn fetch_sq_with(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        qpn: u32,
+        prod: u32,
+        depth: usize,
+        buf: &mut Vec<u8>,
+    ) {
+        // Slots [first, first + copied) are in `buf`.
+        let (mut first, mut copied) = (0u32, 0u32);
         loop {
             let Some(qp) = self.core.qps.get_mut(qpn) else {
                 return;
@@ -786,9 +804,26 @@ impl State {
                 return;
             }
             let idx = qp.sq_cons;
+            let stride = qp.sq.stride as usize;
+            if idx.wrapping_sub(first) >= copied {
+                // Copy the posted slots that follow in this ring page with one access (ABI
+                // 9.2: each WQE is copied once, whole; slots not consumed now are copied again
+                // at the next fetch, their first copy unused).
+                let (gpa, n) = qp.sq.run_from(idx, prod.wrapping_sub(idx));
+                let len = n as usize * stride;
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                let ok = gm::read_bytes(mem, gpa, &mut buf[..len]);
+                (first, copied) = (idx, if ok { n } else { 0 });
+            }
+            let copy = (idx.wrapping_sub(first) < copied).then(|| {
+                let at = idx.wrapping_sub(first) as usize * stride;
+                &buf[at..at + stride]
+            });
             let wr = self
                 .core
-                .parse_send(self.core.qps.get(qpn).expect("exists"), idx);
+                .parse_send(self.core.qps.get(qpn).expect("exists"), idx, copy);
             let qp = self.core.qps.get_mut(qpn).expect("exists");
             qp.sq_cons = idx.wrapping_add(1);
             self.backend.post_send(&mut self.core, qpn, wr);

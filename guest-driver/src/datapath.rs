@@ -160,50 +160,36 @@ impl Driver {
             });
         }
         let mut prod = qp.sq_prod;
-        // One WQE is assembled on the stack and stored with one access, as a guest's plain
-        // stores into its ring slot would be (slots never cross a page).
-        let mut buf = [0u8; 256];
+        // WQEs are assembled in a staging buffer and stored with one access per run of slots
+        // contiguous in guest memory (slots never cross a page): the cost of a guest's plain
+        // stores into its ring, rather than one vm-memory access per field.
+        let stride = qp.sq.stride as usize;
+        let mut stage: Vec<u8> = Vec::with_capacity(abi::VRDMA_PAGE_SIZE as usize);
+        let mut run_start = qp.sq.slot_gpa(prod);
         for wr in wrs {
             let slot = qp.sq.slot_gpa(prod);
-            let hdr = abi::SEND_WQE_HDR as usize;
-            let body = match wr.inline {
-                Some(d) => d.len(),
-                None => wr.sges.len() * abi::SGE_SIZE as usize,
-            };
-            if hdr + body > buf.len() {
-                // Large WQEs: header and body written separately.
-                self.write_guest(send_wqe_header(qp.qp_type, wr).as_slice(), slot)?;
-                let at = slot.unchecked_add(hdr as u64);
-                match wr.inline {
-                    Some(d) => self.write_guest(d, at)?,
-                    None => {
-                        for (k, sge) in wr.sges.iter().enumerate() {
-                            let off = k as u64 * abi::SGE_SIZE as u64;
-                            self.write_guest(sge.as_slice(), at.unchecked_add(off))?;
-                        }
-                    }
-                }
-                prod = prod.wrapping_add(1);
-                continue;
+            if slot.raw_value() != run_start.raw_value() + stage.len() as u64
+                || stage.len() + stride > abi::VRDMA_PAGE_SIZE as usize
+            {
+                self.write_guest(&stage, run_start)?;
+                stage.clear();
+                run_start = slot;
             }
-            buf[..hdr].copy_from_slice(send_wqe_header(qp.qp_type, wr).as_slice());
-            let len = match wr.inline {
-                Some(d) => {
-                    buf[hdr..hdr + d.len()].copy_from_slice(d);
-                    hdr + d.len()
-                }
+            let at = stage.len();
+            stage.extend_from_slice(send_wqe_header(qp.qp_type, wr).as_slice());
+            match wr.inline {
+                Some(d) => stage.extend_from_slice(d),
                 None => {
-                    let mut at = hdr;
                     for sge in wr.sges {
-                        buf[at..at + abi::SGE_SIZE as usize].copy_from_slice(sge.as_slice());
-                        at += abi::SGE_SIZE as usize;
+                        stage.extend_from_slice(sge.as_slice());
                     }
-                    at
                 }
-            };
-            self.write_guest(&buf[..len], slot)?;
+            }
+            // The rest of the slot (checked above to hold the WQE) is padding.
+            stage.resize(at + stride, 0);
             prod = prod.wrapping_add(1);
         }
+        self.write_guest(&stage, run_start)?;
         // Release: the WQEs are visible before the new producer index.
         self.mem.store(
             prod,
