@@ -154,6 +154,14 @@ impl Mr {
             Some(end) if end <= self.length => {}
             _ => return false,
         }
+        if let [r] = self.runs.as_slice() {
+            // One run (physically contiguous MR): the range checked above lies inside it.
+            out.push(Seg {
+                gpa: r.gpa + off,
+                len,
+            });
+            return true;
+        }
         let mut i = self.runs.partition_point(|r| r.off + r.len <= off);
         let (mut off, mut left) = (off, len);
         while left > 0 {

@@ -61,6 +61,19 @@ impl Ring {
         self.addr_of_pos(1 + (idx & (self.depth - 1)) as u64)
     }
 
+    /// The slots of free-running indices `idx, idx + 1, …` (at most `max`) that are contiguous
+    /// in guest memory: within one ring page and before the ring wraps. Returns the guest
+    /// address of the first and how many (at least 1 when `max` > 0).
+    pub fn run_from(&self, idx: u32, max: u32) -> (u64, u32) {
+        let rel = idx & (self.depth - 1);
+        let off = (1 + rel as u64) * self.stride as u64;
+        // Slots are stride-aligned and stride divides the page size: a slot never crosses a page.
+        let in_page = ((abi::VRDMA_PAGE_SIZE - (off & (abi::VRDMA_PAGE_SIZE - 1)))
+            / self.stride as u64) as u32;
+        let before_wrap = self.depth - rel;
+        (self.slot(idx), max.min(in_page).min(before_wrap))
+    }
+
     fn load(&self, mem: &GuestMemoryMmap, off: u64) -> u32 {
         // The header page was validated at creation; a failure can only mean the memory map
         // changed under us, and 0 is a safe answer (no new work).
@@ -113,6 +126,11 @@ mod tests {
         assert_eq!(r.slot(62), 0x8000 + 63 * 64);
         assert_eq!(r.slot(63), 0x2000);
         assert_eq!(r.slot(64), 0x8040);
+        // Slots 0..=61 share the first page with the header; 62 ends it; 63 is on the second.
+        assert_eq!(r.run_from(0, 100), (0x8040, 63));
+        assert_eq!(r.run_from(60, 2), (0x8000 + 61 * 64, 2));
+        assert_eq!(r.run_from(63, 100), (0x2000, 1));
+        assert_eq!(r.run_from(64 + 62, 5), (0x8000 + 63 * 64, 1));
         r.set_prod(&mem, 7);
         assert_eq!(r.prod(&mem), 7);
     }

@@ -151,6 +151,8 @@ pub(crate) struct State {
     /// The last pre-copy of this migration attempt ([`State::save_precopy`]).
     pub precopy: Option<crate::persist::PrecopyBase>,
     port: Arc<Port>,
+    /// Reused buffer for copying send WQEs out of an SQ (a run of slots per access).
+    sq_buf: Vec<u8>,
 }
 
 /// Error status + vendor detail of a malformed WQE.
@@ -192,8 +194,8 @@ impl Core {
         });
     }
 
-    /// Reads `n` SGEs at `at` in guest memory and resolves them in the QP's PD, one at a time
-    /// (no intermediate list). `write` = the device writes into them.
+    /// Reads `n` SGEs at `at` in guest memory and resolves them in the QP's PD.
+    /// `write` = the device writes into them.
     fn resolve_sges(
         &self,
         mem: &GuestMemoryMmap,
@@ -203,11 +205,35 @@ impl Core {
         write: bool,
         out: &mut SegList,
     ) -> Result<u64, WqeError> {
+        let mut buf = [0u8; 4 * abi::SGE_SIZE as usize];
+        let bytes = n * abi::SGE_SIZE as usize;
+        if bytes <= buf.len() {
+            if !gm::read_bytes(mem, at, &mut buf[..bytes]) {
+                return Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE));
+            }
+            return self.resolve_sge_bytes(&buf[..bytes], pd, write, out);
+        }
+        let mut v = vec![0u8; bytes];
+        if !gm::read_bytes(mem, at, &mut v) {
+            return Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE));
+        }
+        self.resolve_sge_bytes(&v, pd, write, out)
+    }
+
+    /// Resolves the SGEs copied out of a WQE (`bytes`: a whole number of SGEs) in the QP's PD,
+    /// one at a time (no intermediate list). `write` = the device writes into them.
+    fn resolve_sge_bytes(
+        &self,
+        bytes: &[u8],
+        pd: u32,
+        write: bool,
+        out: &mut SegList,
+    ) -> Result<u64, WqeError> {
         let bad_sge = (abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE);
         let mut total = 0u64;
-        for i in 0..n as u64 {
-            let s = gm::read_obj::<abi::Sge>(mem, at + i * abi::SGE_SIZE as u64)
-                .ok_or((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))?;
+        for raw in bytes.chunks_exact(abi::SGE_SIZE as usize) {
+            let mut s = abi::Sge::default();
+            s.as_mut_slice().copy_from_slice(raw);
             let mr = self.mrs.get(s.lkey).filter(|m| m.pd == pd).ok_or(bad_sge)?;
             if write && mr.access & abi::ACCESS_LOCAL_WRITE == 0 {
                 return Err(bad_sge);
@@ -224,15 +250,20 @@ impl Core {
     }
 
     /// Reads and validates the send WQE at SQ index `idx` of `qp`.
-    fn parse_send(&self, qp: &Qp, idx: u32) -> SendWr {
-        let mem = self.mem.as_ref().expect("active");
+    /// Validates the send WQE at SQ index `idx` of `qp` from `copy`, the copy of its whole slot
+    /// (`None`: the slot could not be read).
+    fn parse_send(&self, qp: &Qp, idx: u32, copy: Option<&[u8]>) -> SendWr {
         let slot = qp.sq.slot(idx);
-        let Some(w) = gm::read_obj::<abi::SendWqe>(mem, slot) else {
+        let hdr = abi::SEND_WQE_HDR as usize;
+        let Some(head) = copy.filter(|c| c.len() >= hdr) else {
             return SendWr {
                 error: Some((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE)),
                 ..Default::default()
             };
         };
+        let head_len = head.len();
+        let mut w = abi::SendWqe::default();
+        w.as_mut_slice().copy_from_slice(&head[..hdr]);
         let mut wr = SendWr {
             wr_id: w.wr_id,
             opcode: w.opcode,
@@ -249,7 +280,7 @@ impl Core {
             swap: w.swap,
             ..Default::default()
         };
-        if let Err(e) = self.fill_send(qp, slot, &w, &mut wr) {
+        if let Err(e) = self.fill_send(qp, slot, &w, &head[hdr..head_len], &mut wr) {
             wr.error = Some(e);
             wr.local.clear();
             wr.inline = None;
@@ -262,6 +293,7 @@ impl Core {
         qp: &Qp,
         slot: u64,
         w: &abi::SendWqe,
+        body: &[u8],
         wr: &mut SendWr,
     ) -> Result<(), WqeError> {
         let mem = self.mem.as_ref().expect("active");
@@ -303,24 +335,35 @@ impl Core {
             if w.inline_len > qp.max_inline {
                 return Err((abi::WC_LOC_LEN_ERR, abi::VENDOR_ERR_BAD_WQE));
             }
-            let mut data = vec![0u8; w.inline_len as usize];
-            if !gm::read_bytes(mem, slot + abi::SEND_WQE_HDR as u64, &mut data) {
-                return Err(bad);
-            }
+            let n = w.inline_len as usize;
+            let data = match body.get(..n) {
+                Some(b) => b.to_vec(),
+                None => {
+                    let mut data = vec![0u8; n];
+                    if !gm::read_bytes(mem, slot + abi::SEND_WQE_HDR as u64, &mut data) {
+                        return Err(bad);
+                    }
+                    data
+                }
+            };
             wr.len = data.len() as u64;
             wr.inline = Some(data);
         } else {
             if w.num_sge as u32 > qp.max_send_sge {
                 return Err(bad);
             }
-            wr.len = self.resolve_sges(
-                mem,
-                slot + abi::SEND_WQE_HDR as u64,
-                w.num_sge as usize,
-                qp.pd,
-                scatter,
-                &mut wr.local,
-            )?;
+            let n = w.num_sge as usize;
+            wr.len = match body.get(..n * abi::SGE_SIZE as usize) {
+                Some(b) => self.resolve_sge_bytes(b, qp.pd, scatter, &mut wr.local)?,
+                None => self.resolve_sges(
+                    mem,
+                    slot + abi::SEND_WQE_HDR as u64,
+                    n,
+                    qp.pd,
+                    scatter,
+                    &mut wr.local,
+                )?,
+            };
         }
         if atomic && (wr.len != 8 || !w.remote_addr.is_multiple_of(8)) {
             return Err(bad);
@@ -649,6 +692,7 @@ impl State {
             backend: SoftBackend::new(port.clone()),
             precopy: None,
             port,
+            sq_buf: Vec::new(),
         }
     }
 
@@ -717,6 +761,37 @@ impl State {
             return;
         }
         let depth = qp.sq.depth as usize;
+        let published = qp.sq_cons;
+        self.fetch_sq(qpn, prod, depth);
+        // The consumer index is published once for everything fetched (ABI §9.2: after the
+        // copies), not per WQE. A failure meanwhile may have flushed the ring and published a
+        // later index itself; this store repeats the device's current one.
+        if let Some(qp) = self.core.qps.get(qpn) {
+            if qp.sq_cons != published {
+                qp.sq.set_cons(&mem, qp.sq_cons);
+            }
+        }
+    }
+
+    /// Fetches and executes the WQEs of an RTS QP up to `prod` (see [`State::process_sq`]).
+    fn fetch_sq(&mut self, qpn: u32, prod: u32, depth: usize) {
+        let mut buf = std::mem::take(&mut self.sq_buf);
+        if let Some(mem) = self.core.mem.clone() {
+            self.fetch_sq_with(&mem, qpn, prod, depth, &mut buf);
+        }
+        self.sq_buf = buf;
+    }
+
+    fn fetch_sq_with(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        qpn: u32,
+        prod: u32,
+        depth: usize,
+        buf: &mut Vec<u8>,
+    ) {
+        // Slots [first, first + copied) are in `buf`.
+        let (mut first, mut copied) = (0u32, 0u32);
         loop {
             let Some(qp) = self.core.qps.get_mut(qpn) else {
                 return;
@@ -729,12 +804,28 @@ impl State {
                 return;
             }
             let idx = qp.sq_cons;
+            let stride = qp.sq.stride as usize;
+            if idx.wrapping_sub(first) >= copied {
+                // Copy the posted slots that follow in this ring page with one access (ABI
+                // 9.2: each WQE is copied once, whole; slots not consumed now are copied again
+                // at the next fetch, their first copy unused).
+                let (gpa, n) = qp.sq.run_from(idx, prod.wrapping_sub(idx));
+                let len = n as usize * stride;
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                let ok = gm::read_bytes(mem, gpa, &mut buf[..len]);
+                (first, copied) = (idx, if ok { n } else { 0 });
+            }
+            let copy = (idx.wrapping_sub(first) < copied).then(|| {
+                let at = idx.wrapping_sub(first) as usize * stride;
+                &buf[at..at + stride]
+            });
             let wr = self
                 .core
-                .parse_send(self.core.qps.get(qpn).expect("exists"), idx);
+                .parse_send(self.core.qps.get(qpn).expect("exists"), idx, copy);
             let qp = self.core.qps.get_mut(qpn).expect("exists");
             qp.sq_cons = idx.wrapping_add(1);
-            qp.sq.set_cons(&mem, qp.sq_cons);
             self.backend.post_send(&mut self.core, qpn, wr);
             // A CQ overflow caused by this WR fails QPs (maybe this one) before the next fetch.
             self.apply_failures();

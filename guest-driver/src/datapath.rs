@@ -9,7 +9,7 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, Bytes, GuestMemoryBackend, VolatileMemory};
+use vm_memory::{Address, ByteValued, Bytes, GuestMemoryBackend, VolatileMemory};
 use vrdma_abi as abi;
 use vrdma_abi::{Cqe, RecvWqe, SendWqe};
 
@@ -160,21 +160,36 @@ impl Driver {
             });
         }
         let mut prod = qp.sq_prod;
+        // WQEs are assembled in a staging buffer and stored with one access per run of slots
+        // contiguous in guest memory (slots never cross a page): the cost of a guest's plain
+        // stores into its ring, rather than one vm-memory access per field.
+        let stride = qp.sq.stride as usize;
+        let mut stage: Vec<u8> = Vec::with_capacity(abi::VRDMA_PAGE_SIZE as usize);
+        let mut run_start = qp.sq.slot_gpa(prod);
         for wr in wrs {
             let slot = qp.sq.slot_gpa(prod);
-            self.mem.write_obj(send_wqe_header(qp.qp_type, wr), slot)?;
-            let body = slot.unchecked_add(abi::SEND_WQE_HDR as u64);
+            if slot.raw_value() != run_start.raw_value() + stage.len() as u64
+                || stage.len() + stride > abi::VRDMA_PAGE_SIZE as usize
+            {
+                self.write_guest(&stage, run_start)?;
+                stage.clear();
+                run_start = slot;
+            }
+            let at = stage.len();
+            stage.extend_from_slice(send_wqe_header(qp.qp_type, wr).as_slice());
             match wr.inline {
-                Some(d) => self.mem.write_slice(d, body)?,
+                Some(d) => stage.extend_from_slice(d),
                 None => {
-                    for (k, sge) in wr.sges.iter().enumerate() {
-                        self.mem
-                            .write_obj(*sge, body.unchecked_add(k as u64 * abi::SGE_SIZE as u64))?;
+                    for sge in wr.sges {
+                        stage.extend_from_slice(sge.as_slice());
                     }
                 }
             }
+            // The rest of the slot (checked above to hold the WQE) is padding.
+            stage.resize(at + stride, 0);
             prod = prod.wrapping_add(1);
         }
+        self.write_guest(&stage, run_start)?;
         // Release: the WQEs are visible before the new producer index.
         self.mem.store(
             prod,
@@ -262,6 +277,26 @@ impl Driver {
         Ok(())
     }
 
+    /// Writes `bytes` at `gpa`: through the one region holding them when there is one (the
+    /// common case: a ring slot), else through the general, region-spanning path.
+    #[inline]
+    fn write_guest(&self, bytes: &[u8], gpa: vm_memory::GuestAddress) -> Result<()> {
+        match self.mem.get_slice(gpa, bytes.len()) {
+            Ok(s) => s.copy_from(bytes),
+            Err(_) => self.mem.write_slice(bytes, gpa)?,
+        }
+        Ok(())
+    }
+
+    /// Reads a `T` at `gpa`, like [`Driver::write_guest`].
+    #[inline]
+    fn read_guest<T: vm_memory::ByteValued>(&self, gpa: vm_memory::GuestAddress) -> Result<T> {
+        match self.mem.get_slice(gpa, std::mem::size_of::<T>()) {
+            Ok(s) => Ok(s.read_obj(0)?),
+            Err(_) => Ok(self.mem.read_obj(gpa)?),
+        }
+    }
+
     /// Free slots of an SQ/RQ: depth − (prod − header.cons). A consumer index that is ahead of
     /// the producer (a device bug) leaves no free slot.
     #[inline]
@@ -302,7 +337,7 @@ impl Driver {
             if owner != abi::cqe_owner(cq.cons, cq.ring.depth) {
                 break;
             }
-            match self.mem.read_obj::<Cqe>(slot) {
+            match self.read_guest::<Cqe>(slot) {
                 Ok(c) => out[n] = c,
                 Err(_) => break,
             }

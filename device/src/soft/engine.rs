@@ -75,7 +75,7 @@ struct SoftQp {
     rd_out: u32,
     /// Responder: a positive ACK not sent yet. ACKs are coalesced over one inbox drain: the
     /// last one acknowledges every request before it.
-    ack_due: Option<Packet>,
+    ack_due: Option<AckDue>,
     /// Requester: messages sent since the last one that asked for an ACK.
     since_ack_req: u32,
     /// Responder: messages whose ACK is held (delayed ACKs).
@@ -129,6 +129,36 @@ impl SoftQp {
     fn npsn(&self, len: u64) -> u32 {
         let mtu = self.info.mtu.max(256) as u64;
         len.div_ceil(mtu).clamp(1, psn::MASK as u64 / 2) as u32
+    }
+}
+
+/// A positive ACK a responder owes (built into a packet only when it is sent: coalesced ACKs
+/// replace each other without building one per message).
+#[derive(Debug, Clone, Copy)]
+struct AckDue {
+    /// The requester's GID (the ACK's destination) and this device's (its source).
+    to: abi::Gid,
+    from: abi::Gid,
+    dst_qpn: u32,
+    psn: u32,
+    msn: u32,
+}
+
+impl AckDue {
+    fn packet(self, src_qpn: u32) -> Packet {
+        Packet {
+            src: self.from,
+            dst: self.to,
+            src_qpn,
+            dst_qpn: self.dst_qpn,
+            psn: self.psn,
+            mtu: 0,
+            ack_req: false,
+            body: Body::Ack {
+                syndrome: Syndrome::Ack,
+                msn: self.msn,
+            },
+        }
     }
 }
 
@@ -219,6 +249,11 @@ pub struct SoftBackend {
     /// QPs with an `ack_due` held back (delayed ACKs), and until when at most.
     held_acks: Vec<u32>,
     held_until: Option<Instant>,
+    /// A timer was armed or a delayed ACK held since the last [`SoftBackend::reschedule`].
+    timers_changed: bool,
+    /// Packets sent during the current device entry, routed together when it ends
+    /// ([`SoftBackend::take_work`]): one inbox lock per destination instead of one per packet.
+    outbox: VecDeque<Packet>,
     work: Work,
 }
 
@@ -244,6 +279,8 @@ impl SoftBackend {
             acks: Vec::new(),
             held_acks: Vec::new(),
             held_until: None,
+            timers_changed: false,
+            outbox: VecDeque::new(),
             work: Work::default(),
         }
     }
@@ -251,6 +288,11 @@ impl SoftBackend {
     /// Ports that received packets since the last call. Ends the current device entry.
     pub fn take_work(&mut self) -> Work {
         self.now = None;
+        if !self.outbox.is_empty() {
+            self.port
+                .fabric()
+                .route_all(&mut self.outbox, &mut self.route_cache, &mut self.work);
+        }
         std::mem::take(&mut self.work)
     }
 
@@ -269,10 +311,9 @@ impl SoftBackend {
         self.port.clear();
     }
 
+    /// Sends a packet: it leaves, in order, when the device entry ends.
     fn send(&mut self, pkt: Packet) {
-        self.port
-            .fabric()
-            .route_cached(pkt, &mut self.route_cache, &mut self.work);
+        self.outbox.push_back(pkt);
     }
 
     fn reply(&mut self, req: &Packet, psn: u32, body: Body) {
@@ -282,7 +323,7 @@ impl SoftBackend {
             .get_mut(&req.dst_qpn)
             .and_then(|q| q.ack_due.take())
         {
-            self.send(ack);
+            self.send(ack.packet(req.dst_qpn));
         }
         // Responses go to the connected peer QP (a wire request names only the destination).
         let Some(info) = self.qps.get(&req.dst_qpn).map(|q| &q.info) else {
@@ -360,6 +401,7 @@ impl SoftBackend {
     fn arm_timer(&mut self, qpn: u32, at: Instant) {
         if let Some(qp) = self.qps.get_mut(&qpn) {
             qp.deadline = Some(at);
+            self.timers_changed = true;
             if !self.timed.contains(&qpn) {
                 self.timed.push(qpn);
             }
@@ -475,7 +517,7 @@ impl SoftBackend {
 
     // ---- responder --------------------------------------------------------------------------
 
-    fn respond(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
+    fn respond(&mut self, ops: &mut dyn DeviceOps, mut pkt: Packet) {
         let qpn = pkt.dst_qpn;
         let Some(qp) = self.qps.get_mut(&qpn) else {
             return; // Unknown QPN: dropped, as on a wire.
@@ -518,7 +560,8 @@ impl SoftBackend {
         }
         qp.nak_sent = false;
         let last = psn::add(pkt.psn, npsn - 1);
-        let body = pkt.body.clone();
+        // The body moves out (no clone of its payload); replies need only the header.
+        let body = std::mem::replace(&mut pkt.body, nak(Syndrome::Ack));
         match body {
             Body::Send {
                 imm,
@@ -687,18 +730,12 @@ impl SoftBackend {
             0
         };
         let lazy = qp.acks_held > 0;
-        qp.ack_due = Some(Packet {
-            src: req.dst,
-            dst: req.src,
-            src_qpn: req.dst_qpn,
+        qp.ack_due = Some(AckDue {
+            to: req.src,
+            from: req.dst,
             dst_qpn: qp.info.dest_qpn,
             psn,
-            mtu: 0,
-            ack_req: false,
-            body: Body::Ack {
-                syndrome: Syndrome::Ack,
-                msn,
-            },
+            msn,
         });
         if lazy {
             if first {
@@ -706,6 +743,7 @@ impl SoftBackend {
             }
             if self.held_until.is_none() {
                 self.held_until = Some(self.now() + ACK_DELAY);
+                self.timers_changed = true;
             }
         } else if first || held > 0 {
             self.acks.push(req.dst_qpn);
@@ -740,7 +778,7 @@ impl SoftBackend {
             if let Some(qp) = self.qps.get_mut(&qpn) {
                 qp.acks_held = 0;
                 if let Some(ack) = qp.ack_due.take() {
-                    self.send(ack);
+                    self.send(ack.packet(qpn));
                 }
             }
         }
@@ -751,7 +789,7 @@ impl SoftBackend {
             if let Some(qp) = self.qps.get_mut(&qpn) {
                 qp.acks_held = 0;
                 if let Some(ack) = qp.ack_due.take() {
-                    self.send(ack);
+                    self.send(ack.packet(qpn));
                 }
             }
         }
@@ -852,22 +890,26 @@ impl SoftBackend {
     /// Retires SEND/WRITE ops whose last PSN is at or before `upto` (an ACK for a later PSN
     /// acknowledges them too). Stops at READ/atomic ops, which need their own response.
     fn retire_acked(&mut self, ops: &mut dyn DeviceOps, qpn: u32, upto: u32, inclusive: bool) {
-        loop {
-            let Some(qp) = self.qps.get_mut(&qpn) else {
-                return;
-            };
-            let Some(front) = qp.ops.front() else {
-                return;
-            };
-            let d = psn::diff(front.last_psn(), upto);
+        let Some(qp) = self.qps.get_mut(&qpn) else {
+            return;
+        };
+        // Complete in order by reference, then drop the retired ops in place.
+        let mut n = 0;
+        for op in qp.ops.iter() {
+            let d = psn::diff(op.last_psn(), upto);
             let covered = if inclusive { d <= 0 } else { d < 0 };
-            if !front.sent || front.is_rd_atomic() || !covered {
-                return;
+            if !op.sent || op.is_rd_atomic() || !covered {
+                break;
             }
-            let op = qp.pop_front().expect("front exists");
+            Self::complete_op(ops, qpn, op, abi::WC_SUCCESS, 0);
+            n += 1;
+        }
+        if n > 0 {
+            qp.ops.drain(..n);
+            // Every retired op was sent and none was a READ/atomic.
+            qp.sent -= n;
             qp.retry_left = qp.info.retry_cnt;
             qp.rnr_left = qp.info.rnr_retry;
-            Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
         }
     }
 
@@ -1036,6 +1078,7 @@ impl SoftBackend {
     }
 
     fn reschedule(&mut self) {
+        self.timers_changed = false;
         if self.timed.is_empty() && self.held_until.is_none() {
             return;
         }
@@ -1078,7 +1121,7 @@ fn payload_of(mem: &Arc<crate::GuestMemoryMmap>, wr: &SendWr) -> Payload {
         None if wr.local.is_empty() => Payload::Empty,
         None => Payload::Guest {
             mem: mem.clone(),
-            segs: wr.local.clone(),
+            segs: SegList::from_slice(&wr.local),
         },
     }
 }
@@ -1243,7 +1286,10 @@ impl Backend for SoftBackend {
             sent: false,
         });
         self.pump(ops, qpn);
-        self.reschedule();
+        // Only a newly armed timer can move the next deadline earlier.
+        if self.timers_changed {
+            self.reschedule();
+        }
     }
 
     fn process(&mut self, ops: &mut dyn DeviceOps) {

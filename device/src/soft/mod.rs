@@ -320,22 +320,60 @@ impl SoftFabric {
         self.deliver(pkt, t.as_ref(), work);
     }
 
-    /// Like [`SoftFabric::route`], remembering the last destination: consecutive packets to
-    /// the same GID skip the table lookup until a port or gateway attaches or detaches.
-    pub(crate) fn route_cached(&self, pkt: Packet, cache: &mut RouteCache, work: &mut Work) {
+    /// Routes `pkts` (emptied) in order, as [`SoftFabric::route`] would one by one (remembering the last destination: consecutive
+    /// packets to the same GID skip the table lookup until a port or gateway attaches or detaches), with
+    /// one inbox lock per run of consecutive packets to the same destination.
+    pub(crate) fn route_all(
+        &self,
+        pkts: &mut VecDeque<Packet>,
+        cache: &mut RouteCache,
+        work: &mut Work,
+    ) {
         let epoch = self.epoch.load(Ordering::Acquire);
-        if let Some((gid, e, t)) = &cache.0 {
-            if *gid == pkt.dst && *e == epoch {
-                let t = t.clone();
-                self.deliver(pkt, Some(&t), work);
+        // The common case, every packet to one in-process port: the buffer itself is handed
+        // over (no per-packet move) when that port's inbox is empty.
+        if let (Some((gid, e, Target::Port(p))), Some(first)) = (&cache.0, pkts.front()) {
+            if *gid == first.dst && *e == epoch && pkts.iter().all(|q| q.dst == *gid) {
+                let p = p.clone();
+                let (got, n) = p.push_deque(pkts);
+                self.delivered.fetch_add(n, Ordering::Relaxed);
+                work.add(&got);
                 return;
             }
         }
-        let t = self.target(&pkt);
-        if let Some(t) = &t {
-            cache.0 = Some((pkt.dst, epoch, t.clone()));
+        let mut it = pkts.drain(..).peekable();
+        while let Some(first) = it.next() {
+            let dst = first.dst;
+            let target = match &cache.0 {
+                Some((gid, e, t)) if *gid == dst && *e == epoch => Some(t.clone()),
+                _ => {
+                    let t = self.target(&first);
+                    if let Some(t) = &t {
+                        cache.0 = Some((dst, epoch, t.clone()));
+                    }
+                    t
+                }
+            };
+            let mut run =
+                std::iter::once(first).chain(std::iter::from_fn(|| it.next_if(|p| p.dst == dst)));
+            match target {
+                Some(Target::Port(p)) => {
+                    let (got, n) = p.push_all(&mut run);
+                    self.delivered.fetch_add(n, Ordering::Relaxed);
+                    work.add(&got);
+                }
+                Some(Target::Wire(w)) => {
+                    for pkt in run {
+                        self.delivered.fetch_add(1, Ordering::Relaxed);
+                        w.transmit(&pkt);
+                    }
+                }
+                None => {
+                    self.unroutable
+                        .fetch_add(run.count() as u64, Ordering::Relaxed);
+                }
+            }
         }
-        self.deliver(pkt, t.as_ref(), work);
     }
 
     /// Drives every port in `work` (and the ports their processing reaches) until no packet is
@@ -538,6 +576,55 @@ impl Port {
             Some(next) => {
                 drop(inbox);
                 next.push(pkt)
+            }
+        }
+    }
+
+    /// Queues every packet of `pkts` (emptied) in order under one inbox lock, swapping the
+    /// buffers when the inbox is empty; returns the port that now holds them and how many.
+    fn push_deque(self: &Arc<Self>, pkts: &mut VecDeque<Packet>) -> (Arc<Port>, u64) {
+        let n = pkts.len() as u64;
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self
+            .moved_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match next {
+            None => {
+                if inbox.is_empty() {
+                    std::mem::swap(&mut *inbox, pkts);
+                } else {
+                    inbox.extend(pkts.drain(..));
+                }
+                (self.clone(), n)
+            }
+            Some(next) => {
+                drop(inbox);
+                next.push_deque(pkts)
+            }
+        }
+    }
+
+    /// Queues packets in order under one inbox lock; returns the port that now holds them
+    /// (this one, or its successor) and how many there were.
+    fn push_all(self: &Arc<Self>, pkts: &mut dyn Iterator<Item = Packet>) -> (Arc<Port>, u64) {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
+        let next = self
+            .moved_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match next {
+            None => {
+                let before = inbox.len();
+                inbox.extend(pkts);
+                let n = (inbox.len() - before) as u64;
+                (self.clone(), n)
+            }
+            Some(next) => {
+                drop(inbox);
+                next.push_all(pkts)
             }
         }
     }
