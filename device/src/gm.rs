@@ -9,9 +9,59 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::{AtomicAccess, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::{
+    AtomicAccess, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::GuestMemoryMmap;
+
+/// The region of `mem` that holds all of `[gpa, gpa + len)`, and `gpa`'s offset in it. A
+/// linear scan: guest memories have one or a few regions, and this avoids vm-memory's generic
+/// lookup and slice construction on the data path.
+#[inline]
+fn region_of(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    len: u64,
+) -> Option<(&GuestRegionMmap<AtomicBitmap>, usize)> {
+    let end = gpa.checked_add(len)?;
+    mem.iter().find_map(|r| {
+        let start = r.start_addr().0;
+        (gpa >= start && end - start <= r.len()).then_some((r, (gpa - start) as usize))
+    })
+}
+
+/// Copies `len` bytes at `src` in `src_mem` to `dst` in `dst_mem` (the two may be the same
+/// memory; the ranges may overlap) and records the destination pages in `dst_mem`'s dirty
+/// bitmap. Each range must lie inside one region; returns false (copying nothing) otherwise.
+#[inline]
+pub fn copy(
+    src_mem: &GuestMemoryMmap,
+    src: u64,
+    dst_mem: &GuestMemoryMmap,
+    dst: u64,
+    len: u64,
+) -> bool {
+    let (Some((sr, so)), Some((dr, dof))) =
+        (region_of(src_mem, src, len), region_of(dst_mem, dst, len))
+    else {
+        return false;
+    };
+    let (s, d) = (std::ops::Deref::deref(sr), std::ops::Deref::deref(dr));
+    // SAFETY: `region_of` checked that `[so, so + len)` lies inside `sr` and `[dof, dof + len)`
+    // inside `dr`; a region's mapping (`as_ptr()`, `size()` == the region's length) stays
+    // valid while the borrowed memory object lives. Guest memory may be written by the guest
+    // concurrently; like vm-memory's own slice copies this is a plain byte copy of memory the
+    // device does not otherwise reference. `copy` (memmove) allows overlapping ranges.
+    unsafe {
+        std::ptr::copy(s.as_ptr().add(so), d.as_ptr().add(dof), len as usize);
+    }
+    // The write is logged for migration as vm-memory's accessors would log it.
+    d.bitmap().mark_dirty(dof, len as usize);
+    true
+}
 
 /// Reads a `T` at `gpa`.
 #[inline]

@@ -206,13 +206,10 @@ pub fn copy_between(
         let (s, d) = (src[si], dst[di]);
         let n = (s.len - soff).min(d.len - doff);
         if n > 0 {
-            let from = src_mem.get_slice(GuestAddress(s.gpa + soff), n as usize);
-            let to = dst_mem.get_slice(GuestAddress(d.gpa + doff), n as usize);
-            match (from, to) {
-                (Ok(f), Ok(t)) => f.copy_to_volatile_slice(t),
-                // Segments were validated against their memories when resolved; a failure
-                // here means a region went away, which we treat as "nothing more to copy".
-                _ => return copied,
+            // Segments were validated against their memories when resolved; a failure here
+            // means a region went away, which we treat as "nothing more to copy".
+            if !crate::gm::copy(src_mem, s.gpa + soff, dst_mem, d.gpa + doff, n) {
+                return copied;
             }
             copied += n;
         }
