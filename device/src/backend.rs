@@ -163,6 +163,10 @@ pub trait DeviceOps {
     fn take_recv(&mut self, qpn: u32) -> TakeRecv;
     /// A send WR finished. A CQE is written if `signaled` or the status is an error.
     fn complete_send(&mut self, qpn: u32, c: Completion, signaled: bool);
+    /// `n` (> 0) unsignaled send WRs of the QP finished successfully: no CQEs, only room in
+    /// the send queue. The same as `n` calls of [`DeviceOps::complete_send`] with a successful
+    /// completion and `signaled` false, in one call.
+    fn complete_sends_quiet(&mut self, qpn: u32, n: usize);
     /// A receive WR finished.
     fn complete_recv(&mut self, qpn: u32, c: Completion);
     /// The QP failed: move it to ERR and flush what the core still holds for it.

@@ -249,43 +249,36 @@ impl Core {
         Ok(total)
     }
 
-    /// Reads and validates the send WQE at SQ index `idx` of `qp`.
     /// Validates the send WQE at SQ index `idx` of `qp` from `copy`, the copy of its whole slot
-    /// (`None`: the slot could not be read).
-    fn parse_send(&self, qp: &Qp, idx: u32, copy: Option<&[u8]>) -> SendWr {
+    /// (`None`: the slot could not be read), into `wr`, which must be `SendWr::default()`
+    /// (the caller's slot in the backend's send queue: the WR is built in place).
+    fn parse_send(&self, qp: &Qp, idx: u32, copy: Option<&[u8]>, wr: &mut SendWr) {
         let slot = qp.sq.slot(idx);
         let hdr = abi::SEND_WQE_HDR as usize;
         let Some(head) = copy.filter(|c| c.len() >= hdr) else {
-            return SendWr {
-                error: Some((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE)),
-                ..Default::default()
-            };
+            wr.error = Some((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE));
+            return;
         };
-        let head_len = head.len();
         let mut w = abi::SendWqe::default();
         w.as_mut_slice().copy_from_slice(&head[..hdr]);
-        let mut wr = SendWr {
-            wr_id: w.wr_id,
-            opcode: w.opcode,
-            flags: w.flags,
-            signaled: w.flags & abi::SEND_F_SIGNALED != 0 || qp.sq_sig_all,
-            imm: matches!(
-                w.opcode,
-                abi::WR_SEND_WITH_IMM | abi::WR_RDMA_WRITE_WITH_IMM
-            )
-            .then_some(w.imm_data),
-            remote_addr: w.remote_addr,
-            rkey: w.rkey,
-            compare_add: w.compare_add,
-            swap: w.swap,
-            ..Default::default()
-        };
-        if let Err(e) = self.fill_send(qp, slot, &w, &head[hdr..head_len], &mut wr) {
+        wr.wr_id = w.wr_id;
+        wr.opcode = w.opcode;
+        wr.flags = w.flags;
+        wr.signaled = w.flags & abi::SEND_F_SIGNALED != 0 || qp.sq_sig_all;
+        wr.imm = matches!(
+            w.opcode,
+            abi::WR_SEND_WITH_IMM | abi::WR_RDMA_WRITE_WITH_IMM
+        )
+        .then_some(w.imm_data);
+        wr.remote_addr = w.remote_addr;
+        wr.rkey = w.rkey;
+        wr.compare_add = w.compare_add;
+        wr.swap = w.swap;
+        if let Err(e) = self.fill_send(qp, slot, &w, &head[hdr..], wr) {
             wr.error = Some(e);
             wr.local.clear();
             wr.inline = None;
         }
-        wr
     }
 
     fn fill_send(
@@ -671,6 +664,12 @@ impl DeviceOps for Core {
         }
     }
 
+    fn complete_sends_quiet(&mut self, qpn: u32, _n: usize) {
+        if self.qps.get(qpn).is_some_and(|q| q.sq_stalled) && !self.refetch.contains(&qpn) {
+            self.refetch.push(qpn);
+        }
+    }
+
     fn complete_recv(&mut self, qpn: u32, c: Completion) {
         if let Some(cq) = self.qps.get(qpn).map(|q| q.recv_cq) {
             self.push_cqe(cq, qpn, &c);
@@ -792,16 +791,15 @@ impl State {
     ) {
         // Slots [first, first + copied) are in `buf`.
         let (mut first, mut copied) = (0u32, 0u32);
-        loop {
-            let Some(qp) = self.core.qps.get_mut(qpn) else {
-                return;
-            };
+        // RC WRs posted to the backend and not yet sent: the backend sends once per fetch.
+        let mut pending = false;
+        while let Some(qp) = self.core.qps.get_mut(qpn) {
             if qp.sq_cons == prod || qp.attr.qp_state != abi::QPS_RTS {
-                return;
+                break;
             }
             if self.backend.outstanding(qpn) >= depth {
                 qp.sq_stalled = true;
-                return;
+                break;
             }
             let idx = qp.sq_cons;
             let stride = qp.sq.stride as usize;
@@ -821,13 +819,32 @@ impl State {
                 let at = idx.wrapping_sub(first) as usize * stride;
                 &buf[at..at + stride]
             });
-            let wr = self
-                .core
-                .parse_send(self.core.qps.get(qpn).expect("exists"), idx, copy);
-            let qp = self.core.qps.get_mut(qpn).expect("exists");
             qp.sq_cons = idx.wrapping_add(1);
-            self.backend.post_send(&mut self.core, qpn, wr);
-            // A CQ overflow caused by this WR fails QPs (maybe this one) before the next fetch.
+            let qp = self.core.qps.get(qpn).expect("exists");
+            match self.backend.send_slot(qpn) {
+                // RC: the WR is built in its place in the backend's send queue (no move).
+                Some(slot) => {
+                    self.core.parse_send(qp, idx, copy, slot);
+                    pending = true;
+                    if self.backend.commit_send(qpn) {
+                        // Malformed: the QP fails (in order) before anything more is fetched.
+                        self.backend.pump_posted(&mut self.core, qpn);
+                        pending = false;
+                        self.apply_failures();
+                    }
+                }
+                None => {
+                    let mut wr = SendWr::default();
+                    self.core.parse_send(qp, idx, copy, &mut wr);
+                    self.backend.post_send(&mut self.core, qpn, wr);
+                    // A CQ overflow caused by this WR fails QPs (maybe this one) before the
+                    // next fetch.
+                    self.apply_failures();
+                }
+            }
+        }
+        if pending {
+            self.backend.pump_posted(&mut self.core, qpn);
             self.apply_failures();
         }
     }

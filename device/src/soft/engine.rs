@@ -126,6 +126,29 @@ impl SoftQp {
         self.rd_out = 0;
     }
 
+    /// Assigns the PSNs of the op just appended (the last one).
+    fn number_last(&mut self) {
+        let Some(wr) = self.ops.back().map(|o| &o.wr) else {
+            return;
+        };
+        let npsn = if wr.error.is_some() {
+            0
+        } else if matches!(
+            wr.opcode,
+            abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD
+        ) {
+            1
+        } else {
+            self.npsn(wr.len)
+        };
+        let first = self.next_psn;
+        self.next_psn = psn::add(first, npsn);
+        if let Some(op) = self.ops.back_mut() {
+            op.psn = first;
+            op.npsn = npsn;
+        }
+    }
+
     fn npsn(&self, len: u64) -> u32 {
         let mtu = self.info.mtu.max(256) as u64;
         len.div_ceil(mtu).clamp(1, psn::MASK as u64 / 2) as u32
@@ -460,6 +483,44 @@ impl SoftBackend {
                     self.arm_timer(qpn, at);
                 }
             }
+        }
+    }
+
+    /// The batch form of [`Backend::post_send`] for an RC QP, used by the core's SQ fetch:
+    /// appends an operation to the QP's send queue and returns its WR, which the caller fills
+    /// in place (no move of the WR), then calls [`SoftBackend::commit_send`]. After the last
+    /// WR of a doorbell, [`SoftBackend::pump_posted`] sends what may be sent (one call per
+    /// batch instead of one per WR). `None` for an unknown or UD QP: those take `post_send`.
+    pub(crate) fn send_slot(&mut self, qpn: u32) -> Option<&mut SendWr> {
+        let qp = self.qps.get_mut(&qpn)?;
+        if qp.info.qp_type == abi::QPT_UD {
+            return None;
+        }
+        qp.ops.push_back(ReqOp {
+            wr: SendWr::default(),
+            psn: 0,
+            npsn: 0,
+            sent: false,
+        });
+        qp.ops.back_mut().map(|o| &mut o.wr)
+    }
+
+    /// Numbers the WR filled in after [`SoftBackend::send_slot`]. Returns whether it is
+    /// malformed (the caller pumps at once, so that the QP fails before more WQEs are fetched).
+    pub(crate) fn commit_send(&mut self, qpn: u32) -> bool {
+        let Some(qp) = self.qps.get_mut(&qpn) else {
+            return false;
+        };
+        qp.number_last();
+        qp.ops.back().is_some_and(|o| o.wr.error.is_some())
+    }
+
+    /// Sends what the QP may send after WRs were posted (see [`SoftBackend::send_slot`]).
+    pub(crate) fn pump_posted(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
+        self.pump(ops, qpn);
+        // Only a newly armed timer can move the next deadline earlier.
+        if self.timers_changed {
+            self.reschedule();
         }
     }
 
@@ -894,15 +955,23 @@ impl SoftBackend {
             return;
         };
         // Complete in order by reference, then drop the retired ops in place.
-        let mut n = 0;
+        // Unsignaled successes write no CQE: they are reported together, once.
+        let (mut n, mut quiet) = (0, 0);
         for op in qp.ops.iter() {
             let d = psn::diff(op.last_psn(), upto);
             let covered = if inclusive { d <= 0 } else { d < 0 };
             if !op.sent || op.is_rd_atomic() || !covered {
                 break;
             }
-            Self::complete_op(ops, qpn, op, abi::WC_SUCCESS, 0);
+            if op.wr.signaled {
+                Self::complete_op(ops, qpn, op, abi::WC_SUCCESS, 0);
+            } else {
+                quiet += 1;
+            }
             n += 1;
+        }
+        if quiet > 0 {
+            ops.complete_sends_quiet(qpn, quiet);
         }
         if n > 0 {
             qp.ops.drain(..n);
@@ -1267,29 +1336,14 @@ impl Backend for SoftBackend {
             self.post_ud(ops, qpn, wr);
             return;
         }
-        let npsn = if wr.error.is_some() {
-            0
-        } else if matches!(
-            wr.opcode,
-            abi::WR_ATOMIC_CMP_AND_SWP | abi::WR_ATOMIC_FETCH_AND_ADD
-        ) {
-            1
-        } else {
-            qp.npsn(wr.len)
-        };
-        let psn_first = qp.next_psn;
-        qp.next_psn = psn::add(qp.next_psn, npsn);
         qp.ops.push_back(ReqOp {
             wr,
-            psn: psn_first,
-            npsn,
+            psn: 0,
+            npsn: 0,
             sent: false,
         });
-        self.pump(ops, qpn);
-        // Only a newly armed timer can move the next deadline earlier.
-        if self.timers_changed {
-            self.reschedule();
-        }
+        qp.number_last();
+        self.pump_posted(ops, qpn);
     }
 
     fn process(&mut self, ops: &mut dyn DeviceOps) {
