@@ -823,10 +823,10 @@ impl State {
             let qp = self.core.qps.get(qpn).expect("exists");
             match self.backend.send_slot(qpn) {
                 // RC: the WR is built in its place in the backend's send queue (no move).
-                Some(slot) => {
-                    self.core.parse_send(qp, idx, copy, slot);
+                Some(mut slot) => {
+                    self.core.parse_send(qp, idx, copy, slot.wr());
                     pending = true;
-                    if self.backend.commit_send(qpn) {
+                    if slot.commit() {
                         // Malformed: the QP fails (in order) before anything more is fetched.
                         self.backend.pump_posted(&mut self.core, qpn);
                         pending = false;

@@ -126,11 +126,15 @@ impl SoftQp {
         self.rd_out = 0;
     }
 
-    /// Assigns the PSNs of the op just appended (the last one).
-    fn number_last(&mut self) {
-        let Some(wr) = self.ops.back().map(|o| &o.wr) else {
-            return;
+    /// Assigns the PSNs of the op just appended (the last one); returns whether its WR is
+    /// malformed.
+    fn number_last(&mut self) -> bool {
+        let mtu = self.info.mtu.max(256) as u64;
+        let first = self.next_psn;
+        let Some(op) = self.ops.back_mut() else {
+            return false;
         };
+        let wr = &op.wr;
         let npsn = if wr.error.is_some() {
             0
         } else if matches!(
@@ -139,19 +143,34 @@ impl SoftQp {
         ) {
             1
         } else {
-            self.npsn(wr.len)
+            wr.len.div_ceil(mtu).clamp(1, psn::MASK as u64 / 2) as u32
         };
-        let first = self.next_psn;
+        op.psn = first;
+        op.npsn = npsn;
         self.next_psn = psn::add(first, npsn);
-        if let Some(op) = self.ops.back_mut() {
-            op.psn = first;
-            op.npsn = npsn;
-        }
+        npsn == 0
     }
 
     fn npsn(&self, len: u64) -> u32 {
         let mtu = self.info.mtu.max(256) as u64;
         len.div_ceil(mtu).clamp(1, psn::MASK as u64 / 2) as u32
+    }
+}
+
+/// An operation just appended to a QP's send queue ([`SoftBackend::send_slot`]).
+pub(crate) struct SendSlot<'a>(&'a mut SoftQp);
+
+impl SendSlot<'_> {
+    /// The WR, to be filled in place.
+    pub(crate) fn wr(&mut self) -> &mut SendWr {
+        &mut self.0.ops.back_mut().expect("just appended").wr
+    }
+
+    /// Numbers the filled-in WR. Returns whether it is malformed (the caller then runs
+    /// [`SoftBackend::pump_posted`] at once, so that the QP fails before more WQEs are
+    /// fetched).
+    pub(crate) fn commit(self) -> bool {
+        self.0.number_last()
     }
 }
 
@@ -439,59 +458,58 @@ impl SoftBackend {
     /// (RNR retry, go-back-N after a sequence NAK or an ACK timeout) and operations the
     /// READ/atomic depth or a fence held back; EV_SQ_DRAINED waits for all of them.
     fn pump(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
-        loop {
-            let Some(qp) = self.qps.get_mut(&qpn) else {
-                return;
-            };
-            if !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD) || qp.rnr_wait {
-                return;
-            }
-            // A malformed WR completes, in order, once everything before it has.
-            if let Some(front) = qp.ops.front() {
-                if let Some((status, vendor)) = front.wr.error {
-                    self.fail_head(ops, qpn, status, vendor);
-                    return;
-                }
-            }
-            // The next op to send is the first unsent one (sends happen in order).
-            let i = qp.sent;
-            let rd_out = qp.rd_out;
-            let Some(op) = qp.ops.get(i) else {
-                return;
-            };
+        let Some(qp) = self.qps.get_mut(&qpn) else {
+            return;
+        };
+        if !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD) || qp.rnr_wait {
+            return;
+        }
+        // A malformed WR completes, in order, once everything before it has.
+        if let Some((status, vendor)) = qp.ops.front().and_then(|f| f.wr.error) {
+            self.fail_head(ops, qpn, status, vendor);
+            return;
+        }
+        // Send the unsent ops in order (the first unsent one is `sent`), up to one that must
+        // wait: a malformed one (it fails the QP when it reaches the head), a READ/atomic over
+        // the depth, a fenced one behind an outstanding READ/atomic.
+        let src = self.port.gid();
+        let mem = ops.memory();
+        let max_rd = (qp.info.max_rd_atomic as u32).max(1);
+        let mut any = false;
+        while let Some(op) = qp.ops.get_mut(qp.sent) {
+            let rd = op.is_rd_atomic();
             if op.wr.error.is_some()
-                || (op.is_rd_atomic() && rd_out >= (qp.info.max_rd_atomic as u32).max(1))
-                || (op.wr.flags & abi::SEND_F_FENCE != 0 && rd_out > 0)
+                || (rd && qp.rd_out >= max_rd)
+                || (op.wr.flags & abi::SEND_F_FENCE != 0 && qp.rd_out > 0)
             {
-                return;
+                break;
             }
             qp.sent += 1;
-            qp.rd_out += op.is_rd_atomic() as u32;
-            let op = &mut qp.ops[i];
+            qp.rd_out += rd as u32;
             op.sent = true;
-            let mut pkt = build_request(ops.memory(), &qp.info, op);
-            pkt.src = self.port.gid();
-            pkt.ack_req =
-                op.wr.signaled || op.is_rd_atomic() || qp.since_ack_req + 1 >= ACK_REQ_EVERY;
+            let mut pkt = build_request(mem, &qp.info, op);
+            pkt.src = src;
+            pkt.ack_req = op.wr.signaled || rd || qp.since_ack_req + 1 >= ACK_REQ_EVERY;
             qp.since_ack_req = if pkt.ack_req { 0 } else { qp.since_ack_req + 1 };
-            let arm = qp.deadline.is_none();
-            let timeout = ack_timeout_us(qp.info.timeout);
-            self.send(pkt);
-            if arm {
-                if let Some(us) = timeout {
-                    let at = self.now() + Duration::from_micros(us);
-                    self.arm_timer(qpn, at);
-                }
+            // Sent, in order, when the device entry ends.
+            self.outbox.push_back(pkt);
+            any = true;
+        }
+        // The ACK timer runs from the first send of an idle QP (the time is the entry's).
+        if any && qp.deadline.is_none() {
+            if let Some(us) = ack_timeout_us(qp.info.timeout) {
+                let at = self.now() + Duration::from_micros(us);
+                self.arm_timer(qpn, at);
             }
         }
     }
 
     /// The batch form of [`Backend::post_send`] for an RC QP, used by the core's SQ fetch:
     /// appends an operation to the QP's send queue and returns its WR, which the caller fills
-    /// in place (no move of the WR), then calls [`SoftBackend::commit_send`]. After the last
+    /// in place (no move of the WR), then commits ([`SendSlot::commit`]). After the last
     /// WR of a doorbell, [`SoftBackend::pump_posted`] sends what may be sent (one call per
     /// batch instead of one per WR). `None` for an unknown or UD QP: those take `post_send`.
-    pub(crate) fn send_slot(&mut self, qpn: u32) -> Option<&mut SendWr> {
+    pub(crate) fn send_slot(&mut self, qpn: u32) -> Option<SendSlot<'_>> {
         let qp = self.qps.get_mut(&qpn)?;
         if qp.info.qp_type == abi::QPT_UD {
             return None;
@@ -502,17 +520,7 @@ impl SoftBackend {
             npsn: 0,
             sent: false,
         });
-        qp.ops.back_mut().map(|o| &mut o.wr)
-    }
-
-    /// Numbers the WR filled in after [`SoftBackend::send_slot`]. Returns whether it is
-    /// malformed (the caller pumps at once, so that the QP fails before more WQEs are fetched).
-    pub(crate) fn commit_send(&mut self, qpn: u32) -> bool {
-        let Some(qp) = self.qps.get_mut(&qpn) else {
-            return false;
-        };
-        qp.number_last();
-        qp.ops.back().is_some_and(|o| o.wr.error.is_some())
+        Some(SendSlot(qp))
     }
 
     /// Sends what the QP may send after WRs were posted (see [`SoftBackend::send_slot`]).
@@ -669,8 +677,7 @@ impl SoftBackend {
                 solicited,
                 payload,
             } => {
-                let Some(segs) =
-                    ops.resolve_remote(qpn, rkey, addr, payload.len(), abi::ACCESS_REMOTE_WRITE)
+                let Some(segs) = ops.resolve_remote(qpn, rkey, addr, len, abi::ACCESS_REMOTE_WRITE)
                 else {
                     if imm.is_some() {
                         // The receive this WRITE would have consumed completes in error.
@@ -710,7 +717,7 @@ impl SoftBackend {
                             wr_id: r.wr_id,
                             status: abi::WC_SUCCESS,
                             opcode: abi::WC_OP_RECV_RDMA_WITH_IMM,
-                            byte_len: payload.len() as u32,
+                            byte_len: len as u32,
                             imm,
                             solicited,
                             ..Default::default()
