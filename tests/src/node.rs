@@ -119,6 +119,22 @@ impl Node {
             .ok_or_else(|| "no node (init first)".into())
     }
 
+    /// A socket for the raw-UDP floor at the gateway's address, set up as the gateway's own
+    /// (`udp_socket`); its port is announced at once (the answer the command's caller waits
+    /// for before it starts sending).
+    fn floor_socket(&mut self) -> Result<UdpSocket, String> {
+        let ip = self.wire()?.gw.addr().ip();
+        let s =
+            crate::wire::udp_socket(std::net::SocketAddr::new(ip, 0)).map_err(|e| e.to_string())?;
+        reply(&NodeReply {
+            port: Some(s.local_addr().map_err(|e| e.to_string())?.port()),
+            ..Default::default()
+        });
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+
     fn handle(&mut self, cmd: NodeCmd) -> Result<NodeReply, String> {
         let mut r = NodeReply::default();
         match cmd {
@@ -182,14 +198,7 @@ impl Node {
                 }
             }
             NodeCmd::UdpEcho { count } => {
-                let ip = self.wire()?.gw.addr().ip();
-                let s = UdpSocket::bind((ip, 0)).map_err(|e| e.to_string())?;
-                reply(&NodeReply {
-                    port: Some(s.local_addr().map_err(|e| e.to_string())?.port()),
-                    ..Default::default()
-                });
-                s.set_read_timeout(Some(Duration::from_secs(30)))
-                    .map_err(|e| e.to_string())?;
+                let s = self.floor_socket()?;
                 let mut b = vec![0u8; 65536];
                 for _ in 0..count {
                     let (n, from) = s.recv_from(&mut b).map_err(|e| e.to_string())?;
@@ -198,15 +207,7 @@ impl Node {
                 r.count = Some(count as u64);
             }
             NodeCmd::UdpSink => {
-                let ip = self.wire()?.gw.addr().ip();
-                let s = crate::wire::udp_socket(std::net::SocketAddr::new(ip, 0))
-                    .map_err(|e| e.to_string())?;
-                reply(&NodeReply {
-                    port: Some(s.local_addr().map_err(|e| e.to_string())?.port()),
-                    ..Default::default()
-                });
-                s.set_read_timeout(Some(Duration::from_secs(30)))
-                    .map_err(|e| e.to_string())?;
+                let s = self.floor_socket()?;
                 let mut b = vec![0u8; 65536];
                 let mut total = 0u64;
                 loop {

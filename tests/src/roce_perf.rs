@@ -34,16 +34,20 @@ pub struct CrossPair {
     pub rbuf: (u64, u32),
     /// The node process's address.
     pub rip: IpAddr,
+    /// The remote device's GID.
+    pub rgid: Gid,
 }
 
 /// Starts a node process (`exe args…`) at `remote_ip`, a local guest at `local_ip`, both with
-/// `buf` bytes of buffer, and connects them with path MTU 4096.
+/// `buf` bytes of buffer, and connects them with path MTU `mtu` (`abi::MTU_*`) and ACK timeout
+/// exponent `timeout`.
 pub fn cross_pair(
     exe: &Path,
     args: &[&str],
-    local_ip: IpAddr,
-    remote_ip: IpAddr,
+    (local_ip, remote_ip): (IpAddr, IpAddr),
     buf: u64,
+    mtu: u32,
+    timeout: u8,
 ) -> Result<CrossPair, String> {
     let mut remote = RemoteNode::spawn(exe, args, None)?;
     let info = remote.call(&NodeCmd::Init {
@@ -59,7 +63,7 @@ pub fn cross_pair(
     let rgid = Gid {
         raw: info.gid.ok_or("no gid")?,
     };
-    let p = local.params(rqpn, rgid, abi::MTU_4096, 14);
+    let p = local.params(rqpn, rgid, mtu, timeout);
     local
         .d
         .connect_rc_with(&qp, &p)
@@ -68,8 +72,8 @@ pub fn cross_pair(
         qpn: rqpn,
         rqpn: qp.qpn(),
         rgid: local.gid().raw,
-        mtu: abi::MTU_4096,
-        timeout: 14,
+        mtu,
+        timeout,
     })?;
     Ok(CrossPair {
         local,
@@ -78,6 +82,7 @@ pub fn cross_pair(
         rqpn,
         rbuf: (info.addr.ok_or("no addr")?, info.rkey.ok_or("no rkey")?),
         rip: remote_ip,
+        rgid,
     })
 }
 
@@ -261,30 +266,15 @@ pub fn migrate_across(
 ) -> Result<CrossMigrateStats, String> {
     use vrdma_guest::pattern;
     const SLOT: u64 = 256;
-    let mut current = RemoteNode::spawn(exe, args, None)?;
-    let ainfo = current.call(&NodeCmd::Init {
-        bind: a_ip.to_string(),
-        buf: 1 << 20,
-    })?;
-    let aqpn = current
-        .call(&NodeCmd::Qp { depth: 256 })?
-        .qpn
-        .ok_or("no qpn")?;
-    let mut b = wire_node(b_ip, 1 << 20, None)?;
-    let mut qb = b.rc_qp(256)?;
-    let agid = Gid {
-        raw: ainfo.gid.ok_or("no gid")?,
-    };
-    let p = b.params(aqpn, agid, abi::MTU_1024, 12);
-    b.d.connect_rc_with(&qb, &p).map_err(|e| e.to_string())?;
-    current.call(&NodeCmd::Connect {
-        qpn: aqpn,
-        rqpn: qb.qpn(),
-        rgid: b.gid().raw,
-        mtu: abi::MTU_1024,
-        timeout: 12,
-    })?;
-    let (aaddr, arkey) = (ainfo.addr.ok_or("no addr")?, ainfo.rkey.ok_or("no rkey")?);
+    // B, the peer, is the local guest; A is the device that migrates (a node process).
+    let CrossPair {
+        local: mut b,
+        qp: mut qb,
+        remote: current,
+        rbuf: (aaddr, arkey),
+        rgid: agid,
+        ..
+    } = cross_pair(exe, args, (b_ip, a_ip), 1 << 20, abi::MTU_1024, 12)?;
     // A's buffer: the counter at 0, slots from 4096. B's: sources, READ targets, FA results.
     let slot = |i: u64| 4096 + (i % 512) * SLOT;
     let (src, rd, fa) = (

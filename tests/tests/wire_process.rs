@@ -220,43 +220,40 @@ fn writes_both_ways(ns: &Netns, a_ip: IpAddr, b_ip: IpAddr) {
         (4, 65_536),
         (5, 300_000),
     ] {
-        a.call(&NodeCmd::WriteFrom {
-            qpn: aqpn,
-            off: 0,
-            len,
-            seed: i,
-            raddr: binfo.addr.unwrap() + 512 * 1024,
-            rkey: binfo.rkey.unwrap(),
-        })
-        .unwrap();
-        let got = b
-            .call(&NodeCmd::Read {
-                off: 512 * 1024,
-                len,
-            })
-            .unwrap()
-            .data
-            .unwrap();
-        assert_eq!(got, pattern(i, len as usize), "A -> B {len} bytes");
-        b.call(&NodeCmd::WriteFrom {
-            qpn: bqpn,
-            off: 0,
-            len,
-            seed: 100 + i,
-            raddr: ainfo.addr.unwrap() + 512 * 1024,
-            rkey: ainfo.rkey.unwrap(),
-        })
-        .unwrap();
-        let got = a
-            .call(&NodeCmd::Read {
-                off: 512 * 1024,
-                len,
-            })
-            .unwrap()
-            .data
-            .unwrap();
-        assert_eq!(got, pattern(100 + i, len as usize), "B -> A {len} bytes");
+        write_and_check(&mut a, aqpn, &mut b, &binfo, i, len, "A -> B");
+        write_and_check(&mut b, bqpn, &mut a, &ainfo, 100 + i, len, "B -> A");
     }
+}
+
+/// `from` writes `len` bytes of `pattern(seed)` through QP `qpn` into the second half of `to`'s
+/// buffer (described by `to_info`); the bytes are then read back from `to`'s process.
+fn write_and_check(
+    from: &mut RemoteNode,
+    qpn: u32,
+    to: &mut RemoteNode,
+    to_info: &NodeReply,
+    seed: u64,
+    len: u64,
+    what: &str,
+) {
+    from.call(&NodeCmd::WriteFrom {
+        qpn,
+        off: 0,
+        len,
+        seed,
+        raddr: to_info.addr.unwrap() + 512 * 1024,
+        rkey: to_info.rkey.unwrap(),
+    })
+    .unwrap();
+    let got = to
+        .call(&NodeCmd::Read {
+            off: 512 * 1024,
+            len,
+        })
+        .unwrap()
+        .data
+        .unwrap();
+    assert_eq!(got, pattern(seed, len as usize), "{what} {len} bytes");
 }
 
 /// The device of a child process migrates to a new process — first at the same address, then

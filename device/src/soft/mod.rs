@@ -562,22 +562,7 @@ impl Port {
 
     /// Queues a packet; returns the port that now holds it (this one, or its successor).
     fn push(self: &Arc<Self>, pkt: Packet) -> Arc<Port> {
-        let mut inbox = self.inbox.lock().unwrap_or_else(|e| e.into_inner());
-        let next = self
-            .moved_to
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match next {
-            None => {
-                inbox.push_back(pkt);
-                self.clone()
-            }
-            Some(next) => {
-                drop(inbox);
-                next.push(pkt)
-            }
-        }
+        self.push_all(&mut std::iter::once(pkt)).0
     }
 
     /// Queues every packet of `pkts` (emptied) in order under one inbox lock, swapping the

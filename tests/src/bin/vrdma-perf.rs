@@ -173,7 +173,8 @@ struct RoceOpts {
 /// A node process and a local guest connected to it (`--roce`).
 fn roce_pair(o: &RoceOpts, buf: u64) -> Result<roce_perf::CrossPair, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    roce_perf::cross_pair(&exe, &["node"], o.local_ip, o.remote_ip, buf)
+    let ips = (o.local_ip, o.remote_ip);
+    roce_perf::cross_pair(&exe, &["node"], ips, buf, vrdma_abi::MTU_4096, 14)
 }
 
 fn write_lat_roce(sizes: &[u64], iters: usize, o: &RoceOpts, json: bool) -> ExitCode {
