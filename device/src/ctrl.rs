@@ -458,13 +458,13 @@ impl State {
             max_recv_sge: ((c.rq_stride - abi::RECV_WQE_HDR) / abi::SGE_SIZE).min(max_sge),
             max_inline: (c.sq_stride - abi::SEND_WQE_HDR).min(max_inline),
             attr: Default::default(),
-            sq_cons: sq.prod(&mem),
+            sq_cons: sq.prod(&mem).into(),
             rq_cons: rq.prod(&mem),
             sq,
             rq,
             sq_stalled: false,
         };
-        qp.sq.set_cons(&mem, qp.sq_cons);
+        qp.sq.set_cons(&mem, *qp.sq_cons);
         qp.rq.set_cons(&mem, qp.rq_cons);
         let resp = abi::RespCreateQp {
             qpn: 0,
@@ -513,9 +513,9 @@ impl State {
         if new == abi::QPS_RESET {
             // Discard ring contents without completions.
             let qp = self.core.qps.get_mut(c.qpn).expect("exists");
-            qp.sq_cons = qp.sq.prod(&mem);
+            (*qp.sq_cons) = qp.sq.prod(&mem);
             qp.rq_cons = qp.rq.prod(&mem);
-            qp.sq.set_cons(&mem, qp.sq_cons);
+            qp.sq.set_cons(&mem, *qp.sq_cons);
             qp.rq.set_cons(&mem, qp.rq_cons);
             qp.attr = abi::QpAttr::default();
         }

@@ -551,6 +551,26 @@ impl crate::soft::Endpoint for Vrdma {
     fn process_fabric(&self) -> crate::soft::Work {
         Vrdma::process_fabric(self)
     }
+
+    fn with_engine(
+        &self,
+        f: &mut dyn FnMut(
+            &mut crate::soft::engine::SoftBackend,
+            &mut dyn crate::backend::DeviceOps,
+        ),
+    ) -> Option<crate::soft::Work> {
+        let mut st = match self.state.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        // Stopped (held packets wait in the inbox) or not active: packets, as usual.
+        if !st.mig.processes_guest_work() || st.core.mem.is_none() {
+            return None;
+        }
+        st.direct(f);
+        Some(st.take_fabric_work())
+    }
 }
 
 impl Drop for Vrdma {

@@ -9,10 +9,10 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
 use vm_memory::{
-    AtomicAccess, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
-    GuestRegionMmap,
+    AtomicAccess, ByteValued, Bytes, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    VolatileMemory,
 };
 
 use crate::GuestMemoryMmap;
@@ -63,54 +63,59 @@ pub fn copy(
     true
 }
 
+/// Runs `f` on the volatile slice `[gpa, gpa + len)` of the one region that holds it (dirty
+/// tracking included); `None` if no region holds all of it.
+#[inline]
+fn with_slice<R>(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    len: usize,
+    f: impl FnOnce(vm_memory::VolatileSlice<'_, BS<'_, AtomicBitmap>>) -> Option<R>,
+) -> Option<R> {
+    let (r, off) = region_of(mem, gpa, len as u64)?;
+    f(std::ops::Deref::deref(r).get_slice(off, len).ok()?)
+}
+
 /// Reads a `T` at `gpa`.
 #[inline]
 pub fn read_obj<T: ByteValued>(mem: &GuestMemoryMmap, gpa: u64) -> Option<T> {
-    mem.get_slice(GuestAddress(gpa), std::mem::size_of::<T>())
-        .ok()?
-        .read_obj(0)
-        .ok()
+    with_slice(mem, gpa, std::mem::size_of::<T>(), |s| s.read_obj(0).ok())
 }
 
 /// Reads `buf.len()` bytes at `gpa`.
 #[inline]
 pub fn read_bytes(mem: &GuestMemoryMmap, gpa: u64, buf: &mut [u8]) -> bool {
-    match mem.get_slice(GuestAddress(gpa), buf.len()) {
-        Ok(s) => s.read_slice(buf, 0).is_ok(),
-        Err(_) => false,
-    }
+    let len = buf.len();
+    with_slice(mem, gpa, len, |s| s.read_slice(buf, 0).ok()).is_some()
 }
 
 /// Writes `bytes` at `gpa` (recorded in the dirty bitmap).
 #[inline]
 pub fn write_bytes(mem: &GuestMemoryMmap, gpa: u64, bytes: &[u8]) -> bool {
-    match mem.get_slice(GuestAddress(gpa), bytes.len()) {
-        Ok(s) => s.write_slice(bytes, 0).is_ok(),
-        Err(_) => false,
-    }
+    with_slice(mem, gpa, bytes.len(), |s| s.write_slice(bytes, 0).ok()).is_some()
 }
 
 /// Atomic load of a naturally aligned `T` at `gpa`.
 #[inline]
 pub fn load<T: AtomicAccess>(mem: &GuestMemoryMmap, gpa: u64, order: Ordering) -> Option<T> {
-    mem.get_slice(GuestAddress(gpa), std::mem::size_of::<T>())
-        .ok()?
-        .load(0, order)
-        .ok()
+    with_slice(mem, gpa, std::mem::size_of::<T>(), |s| {
+        s.load(0, order).ok()
+    })
 }
 
 /// Atomic store of a naturally aligned `T` at `gpa` (recorded in the dirty bitmap).
 #[inline]
 pub fn store<T: AtomicAccess>(mem: &GuestMemoryMmap, gpa: u64, v: T, order: Ordering) -> bool {
-    match mem.get_slice(GuestAddress(gpa), std::mem::size_of::<T>()) {
-        Ok(s) => s.store(v, 0, order).is_ok(),
-        Err(_) => false,
-    }
+    with_slice(mem, gpa, std::mem::size_of::<T>(), |s| {
+        s.store(v, 0, order).ok()
+    })
+    .is_some()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::GuestAddress;
 
     #[test]
     fn accesses_stay_inside_one_region() {

@@ -625,7 +625,7 @@ impl State {
                 max_recv_sge: q.max_recv_sge,
                 max_inline: q.max_inline,
                 attr: q.attr,
-                sq_cons: q.sq_cons,
+                sq_cons: (*q.sq_cons),
                 rq_cons: q.rq_cons,
             }),
             ahs: c.ahs.serialize_since(None, |a| (a.pd, a.attr)),
@@ -1011,7 +1011,7 @@ fn restore_core(
             max_recv_sge: q.max_recv_sge,
             max_inline: q.max_inline,
             attr: q.attr,
-            sq_cons: q.sq_cons,
+            sq_cons: q.sq_cons.into(),
             rq_cons: q.rq_cons,
             sq_stalled: false,
         };

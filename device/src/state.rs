@@ -73,8 +73,9 @@ pub(crate) struct Qp {
     pub max_recv_sge: u32,
     pub max_inline: u32,
     pub attr: QpAttr,
-    /// Next SQ index the device fetches.
-    pub sq_cons: u32,
+    /// Next SQ index the device fetches. On lines of its own: written on every fetch, while
+    /// the fields around it are read by peers' threads on the direct path.
+    pub sq_cons: crossbeam_utils::CachePadded<u32>,
     /// Next RQ index the device takes.
     pub rq_cons: u32,
     /// Fetching stopped because the backend held a full queue.
@@ -151,8 +152,10 @@ pub(crate) struct State {
     /// The last pre-copy of this migration attempt ([`State::save_precopy`]).
     pub precopy: Option<crate::persist::PrecopyBase>,
     port: Arc<Port>,
-    /// Reused buffer for copying send WQEs out of an SQ (a run of slots per access).
-    sq_buf: Vec<u8>,
+    /// Reused buffer for copying send WQEs out of an SQ (a run of slots per access). On lines
+    /// of its own: taken and put back on every fetch, while peers' threads read the fields
+    /// around it on the direct path.
+    sq_buf: crossbeam_utils::CachePadded<Vec<u8>>,
 }
 
 /// Error status + vendor detail of a malformed WQE.
@@ -493,9 +496,9 @@ impl Core {
         };
         let mut out: Vec<(u32, Completion)> = Vec::new();
         let sq_prod = qp.sq.prod(&mem);
-        let n = sq_prod.wrapping_sub(qp.sq_cons).min(qp.sq.depth);
+        let n = sq_prod.wrapping_sub(*qp.sq_cons).min(qp.sq.depth);
         for _ in 0..n {
-            let slot = qp.sq.slot(qp.sq_cons);
+            let slot = qp.sq.slot(*qp.sq_cons);
             let w = mem
                 .read_obj::<abi::SendWqe>(GuestAddress(slot))
                 .unwrap_or_default();
@@ -508,10 +511,10 @@ impl Core {
                     ..Default::default()
                 },
             ));
-            qp.sq_cons = qp.sq_cons.wrapping_add(1);
+            (*qp.sq_cons) = (*qp.sq_cons).wrapping_add(1);
         }
-        qp.sq_cons = sq_prod;
-        qp.sq.set_cons(&mem, qp.sq_cons);
+        (*qp.sq_cons) = sq_prod;
+        qp.sq.set_cons(&mem, *qp.sq_cons);
         let rq_prod = qp.rq.prod(&mem);
         let n = rq_prod.wrapping_sub(qp.rq_cons).min(qp.rq.depth);
         for _ in 0..n {
@@ -691,7 +694,7 @@ impl State {
             backend: SoftBackend::new(port.clone()),
             precopy: None,
             port,
-            sq_buf: Vec::new(),
+            sq_buf: Default::default(),
         }
     }
 
@@ -742,7 +745,9 @@ impl State {
         let Some(qp) = self.core.qps.get_mut(qpn) else {
             return;
         };
-        qp.sq_stalled = false;
+        if qp.sq_stalled {
+            qp.sq_stalled = false;
+        }
         match qp.attr.qp_state {
             // Quiescing for migration: no new WQEs are fetched (resume rescans every SQ).
             abi::QPS_RTS if self.mig != MigrationState::Running => return,
@@ -755,30 +760,30 @@ impl State {
             _ => return,
         }
         let prod = qp.sq.prod(&mem);
-        if prod.wrapping_sub(qp.sq_cons) > qp.sq.depth {
+        if prod.wrapping_sub(*qp.sq_cons) > qp.sq.depth {
             self.fail_qp(qpn, abi::VENDOR_ERR_RING_OVERRUN);
             return;
         }
         let depth = qp.sq.depth as usize;
-        let published = qp.sq_cons;
+        let published = *qp.sq_cons;
         self.fetch_sq(qpn, prod, depth);
         // The consumer index is published once for everything fetched (ABI §9.2: after the
         // copies), not per WQE. A failure meanwhile may have flushed the ring and published a
         // later index itself; this store repeats the device's current one.
         if let Some(qp) = self.core.qps.get(qpn) {
-            if qp.sq_cons != published {
-                qp.sq.set_cons(&mem, qp.sq_cons);
+            if (*qp.sq_cons) != published {
+                qp.sq.set_cons(&mem, *qp.sq_cons);
             }
         }
     }
 
     /// Fetches and executes the WQEs of an RTS QP up to `prod` (see [`State::process_sq`]).
     fn fetch_sq(&mut self, qpn: u32, prod: u32, depth: usize) {
-        let mut buf = std::mem::take(&mut self.sq_buf);
+        let mut buf = std::mem::take(&mut *self.sq_buf);
         if let Some(mem) = self.core.mem.clone() {
             self.fetch_sq_with(&mem, qpn, prod, depth, &mut buf);
         }
-        self.sq_buf = buf;
+        *self.sq_buf = buf;
     }
 
     fn fetch_sq_with(
@@ -794,14 +799,14 @@ impl State {
         // RC WRs posted to the backend and not yet sent: the backend sends once per fetch.
         let mut pending = false;
         while let Some(qp) = self.core.qps.get_mut(qpn) {
-            if qp.sq_cons == prod || qp.attr.qp_state != abi::QPS_RTS {
+            if (*qp.sq_cons) == prod || qp.attr.qp_state != abi::QPS_RTS {
                 break;
             }
             if self.backend.outstanding(qpn) >= depth {
                 qp.sq_stalled = true;
                 break;
             }
-            let idx = qp.sq_cons;
+            let idx = *qp.sq_cons;
             let stride = qp.sq.stride as usize;
             if idx.wrapping_sub(first) >= copied {
                 // Copy the posted slots that follow in this ring page with one access (ABI
@@ -819,7 +824,7 @@ impl State {
                 let at = idx.wrapping_sub(first) as usize * stride;
                 &buf[at..at + stride]
             });
-            qp.sq_cons = idx.wrapping_add(1);
+            (*qp.sq_cons) = idx.wrapping_add(1);
             let qp = self.core.qps.get(qpn).expect("exists");
             match self.backend.send_slot(qpn) {
                 // RC: the WR is built in its place in the backend's send queue (no move).
@@ -927,6 +932,17 @@ impl State {
         self.flush_events();
     }
 
+    /// Runs the direct path's `f` on the engine and the core (see
+    /// [`crate::soft::Endpoint::with_engine`]), then finishes as an inbound entry does.
+    pub fn direct(
+        &mut self,
+        f: &mut dyn FnMut(&mut SoftBackend, &mut dyn crate::backend::DeviceOps),
+    ) {
+        f(&mut self.backend, &mut self.core);
+        self.settle();
+        self.flush_events();
+    }
+
     pub fn take_fabric_work(&mut self) -> Work {
         self.backend.take_work()
     }
@@ -1017,6 +1033,10 @@ impl State {
             return;
         }
         self.process_ctrlq();
+        // Held inbound requests first: they were sent before anything this device fetches
+        // now, and a WRITE fetched now may reach its peer at once (the direct path) and
+        // overwrite the source of a request the peer sent while this device was stopped.
+        self.process_inbound();
         for qpn in self.core.qps.handles() {
             self.process_sq(qpn);
         }
@@ -1056,8 +1076,13 @@ impl State {
 /// visiting only the words its summary word flags: summary first, then each flagged word, both
 /// with an atomic exchange (ABI §8.3). A driver sets the word bit before the summary bit, so a
 /// bit set after our summary exchange leaves its summary bit set for the next scan.
-fn take_bits(mem: &GuestMemoryMmap, summary_at: u64, base: u64, max: u32) -> Vec<(u32, u32)> {
-    let mut out = Vec::new();
+fn take_bits(
+    mem: &GuestMemoryMmap,
+    summary_at: u64,
+    base: u64,
+    max: u32,
+) -> smallvec::SmallVec<[(u32, u32); 8]> {
+    let mut out = smallvec::SmallVec::new();
     let words = abi::bitmap_bytes(max) / 8;
     // The doorbell area was checked to lie in one region when it was registered.
     let (Ok(sum), Ok(slice)) = (

@@ -142,6 +142,18 @@ impl Endpoint for BareEndpoint {
         self.cq_len.store(ops.cq.len(), Ordering::Release);
         backend.take_work()
     }
+
+    fn with_engine(&self, f: &mut dyn FnMut(&mut SoftBackend, &mut dyn DeviceOps)) -> Option<Work> {
+        let mut g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let Inner { backend, ops } = &mut *g;
+        f(backend, ops);
+        self.cq_len.store(ops.cq.len(), Ordering::Release);
+        Some(backend.take_work())
+    }
 }
 
 impl Drop for BareEndpoint {

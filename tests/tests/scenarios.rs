@@ -2984,7 +2984,11 @@ fn sqd_retransmits_after_ack_timeouts() {
         ],
     )
     .unwrap();
-    let delivered = || f.stats().delivered;
+    // Requests sent, as packets or handed to the peer directly.
+    let delivered = || {
+        let s = f.stats();
+        s.delivered + s.direct
+    };
     let before = delivered();
     a.d.post_send(
         &mut qa,

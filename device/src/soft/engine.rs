@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
+use smallvec::SmallVec;
+
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
 use vrdma_abi as abi;
@@ -57,53 +60,57 @@ impl ReqOp {
     }
 }
 
+/// The responder's state of a QP. On the direct path another device's thread updates it (under
+/// this device's lock), so it sits on cache lines of its own: the owner's requester work does
+/// not move it between cores, nor it the requester's.
+#[derive(Debug, Default)]
+struct Resp {
+    epsn: u32,
+    msn: u32,
+    atomic_replay: VecDeque<(u32, u64)>,
+    /// A positive ACK not sent yet. ACKs are coalesced over one inbox drain: the last one
+    /// acknowledges every request before it.
+    ack_due: Option<AckDue>,
+    /// Messages whose ACK is held (delayed ACKs).
+    acks_held: u32,
+    /// A PSN-sequence NAK was sent for the current gap (one per gap, as the spec asks; cleared
+    /// when the expected PSN arrives). Not migrated: at worst one more NAK.
+    nak_sent: bool,
+}
+
 #[derive(Debug)]
 struct SoftQp {
-    info: QpInfo,
+    /// Read by both sides; written only by control operations.
+    info: CachePadded<QpInfo>,
     next_psn: u32,
     ops: VecDeque<ReqOp>,
     retry_left: u8,
     rnr_left: u8,
     deadline: Option<Instant>,
     rnr_wait: bool,
-    epsn: u32,
-    msn: u32,
-    atomic_replay: VecDeque<(u32, u64)>,
     /// Ops `[0, sent)` are on the wire, the rest not yet (sends happen in order).
     sent: usize,
     /// READ/atomic ops among the sent ones.
     rd_out: u32,
-    /// Responder: a positive ACK not sent yet. ACKs are coalesced over one inbox drain: the
-    /// last one acknowledges every request before it.
-    ack_due: Option<AckDue>,
     /// Requester: messages sent since the last one that asked for an ACK.
     since_ack_req: u32,
-    /// Responder: messages whose ACK is held (delayed ACKs).
-    acks_held: u32,
-    /// Responder: a PSN-sequence NAK was sent for the current gap (one per gap, as the spec
-    /// asks; cleared when the expected PSN arrives). Not migrated: at worst one more NAK.
-    nak_sent: bool,
+    resp: CachePadded<Resp>,
 }
 
 impl SoftQp {
     fn new(info: QpInfo) -> Self {
         Self {
-            info,
+            info: CachePadded::new(info),
             next_psn: 0,
             ops: VecDeque::new(),
             retry_left: 0,
             rnr_left: 0,
             deadline: None,
             rnr_wait: false,
-            epsn: 0,
-            msn: 0,
-            atomic_replay: VecDeque::new(),
             sent: 0,
             rd_out: 0,
-            ack_due: None,
             since_ack_req: 0,
-            acks_held: 0,
-            nak_sent: false,
+            resp: CachePadded::new(Resp::default()),
         }
     }
 
@@ -149,6 +156,34 @@ impl SoftQp {
         op.npsn = npsn;
         self.next_psn = psn::add(first, npsn);
         npsn == 0
+    }
+
+    /// Marks the next op that may be sent now as sent and builds its request packet (`src`:
+    /// this device's GID). Ops leave in order; one must wait if it is malformed (it fails the
+    /// QP when it reaches the head), a READ/atomic over the depth, or fenced behind an
+    /// outstanding READ/atomic.
+    fn next_request(&mut self, mem: &Arc<crate::GuestMemoryMmap>, src: abi::Gid) -> Option<Packet> {
+        let max_rd = (self.info.max_rd_atomic as u32).max(1);
+        let op = self.ops.get_mut(self.sent)?;
+        let rd = op.is_rd_atomic();
+        if op.wr.error.is_some()
+            || (rd && self.rd_out >= max_rd)
+            || (op.wr.flags & abi::SEND_F_FENCE != 0 && self.rd_out > 0)
+        {
+            return None;
+        }
+        self.sent += 1;
+        self.rd_out += rd as u32;
+        op.sent = true;
+        let mut pkt = build_request(mem, &self.info, op);
+        pkt.src = src;
+        pkt.ack_req = op.wr.signaled || rd || self.since_ack_req + 1 >= ACK_REQ_EVERY;
+        self.since_ack_req = if pkt.ack_req {
+            0
+        } else {
+            self.since_ack_req + 1
+        };
+        Some(pkt)
     }
 
     fn npsn(&self, len: u64) -> u32 {
@@ -329,11 +364,18 @@ impl SoftBackend {
 
     /// Ports that received packets since the last call. Ends the current device entry.
     pub fn take_work(&mut self) -> Work {
-        self.now = None;
+        // Written only when set: on the direct path another thread runs this device's
+        // responder, and an unconditional store would move this line between the cores.
+        if self.now.is_some() {
+            self.now = None;
+        }
         if !self.outbox.is_empty() {
             self.port
                 .fabric()
                 .route_all(&mut self.outbox, &mut self.route_cache, &mut self.work);
+        }
+        if self.work.is_empty() {
+            return Work::default();
         }
         std::mem::take(&mut self.work)
     }
@@ -363,7 +405,7 @@ impl SoftBackend {
         if let Some(ack) = self
             .qps
             .get_mut(&req.dst_qpn)
-            .and_then(|q| q.ack_due.take())
+            .and_then(|q| q.resp.ack_due.take())
         {
             self.send(ack.packet(req.dst_qpn));
         }
@@ -458,48 +500,154 @@ impl SoftBackend {
     /// (RNR retry, go-back-N after a sequence NAK or an ACK timeout) and operations the
     /// READ/atomic depth or a fence held back; EV_SQ_DRAINED waits for all of them.
     fn pump(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
+        if !self.may_send(ops, qpn) {
+            return;
+        }
+        // An idle QP whose peer is in this process: executed at once in the peer. What is
+        // left (the peer was busy, or answered with an RNR NAK, ...) goes the usual way.
+        if self.qps.get(&qpn).is_some_and(|q| q.sent == 0) {
+            self.pump_direct(ops, qpn);
+            if !self.may_send(ops, qpn) {
+                return;
+            }
+        }
         let Some(qp) = self.qps.get_mut(&qpn) else {
             return;
         };
-        if !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD) || qp.rnr_wait {
-            return;
-        }
-        // A malformed WR completes, in order, once everything before it has.
-        if let Some((status, vendor)) = qp.ops.front().and_then(|f| f.wr.error) {
-            self.fail_head(ops, qpn, status, vendor);
-            return;
-        }
-        // Send the unsent ops in order (the first unsent one is `sent`), up to one that must
-        // wait: a malformed one (it fails the QP when it reaches the head), a READ/atomic over
-        // the depth, a fenced one behind an outstanding READ/atomic.
+        // Send the unsent ops in order, as packets.
         let src = self.port.gid();
-        let mem = ops.memory();
-        let max_rd = (qp.info.max_rd_atomic as u32).max(1);
         let mut any = false;
-        while let Some(op) = qp.ops.get_mut(qp.sent) {
-            let rd = op.is_rd_atomic();
-            if op.wr.error.is_some()
-                || (rd && qp.rd_out >= max_rd)
-                || (op.wr.flags & abi::SEND_F_FENCE != 0 && qp.rd_out > 0)
-            {
-                break;
-            }
-            qp.sent += 1;
-            qp.rd_out += rd as u32;
-            op.sent = true;
-            let mut pkt = build_request(mem, &qp.info, op);
-            pkt.src = src;
-            pkt.ack_req = op.wr.signaled || rd || qp.since_ack_req + 1 >= ACK_REQ_EVERY;
-            qp.since_ack_req = if pkt.ack_req { 0 } else { qp.since_ack_req + 1 };
+        while let Some(pkt) = qp.next_request(ops.memory(), src) {
             // Sent, in order, when the device entry ends.
             self.outbox.push_back(pkt);
             any = true;
         }
         // The ACK timer runs from the first send of an idle QP (the time is the entry's).
-        if any && qp.deadline.is_none() {
+        if any {
+            self.arm_ack_timer(qpn);
+        }
+    }
+
+    /// Whether the QP may send now: it exists, is in RTS or SQD and waits for no RNR timer.
+    /// A malformed WR at the head completes, in order, once everything before it has: the QP
+    /// fails then.
+    fn may_send(&mut self, ops: &mut dyn DeviceOps, qpn: u32) -> bool {
+        let Some(qp) = self.qps.get(&qpn) else {
+            return false;
+        };
+        if !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD) || qp.rnr_wait {
+            return false;
+        }
+        if let Some((status, vendor)) = qp.ops.front().and_then(|f| f.wr.error) {
+            self.fail_head(ops, qpn, status, vendor);
+            return false;
+        }
+        true
+    }
+
+    /// Arms the QP's ACK timer if it has operations in flight and none is armed.
+    fn arm_ack_timer(&mut self, qpn: u32) {
+        let Some(qp) = self.qps.get(&qpn) else {
+            return;
+        };
+        if qp.sent > 0 && qp.deadline.is_none() {
             if let Some(us) = ack_timeout_us(qp.info.timeout) {
                 let at = self.now() + Duration::from_micros(us);
                 self.arm_timer(qpn, at);
+            }
+        }
+    }
+
+    /// The direct path to a peer in this process: the QP's sendable operations are handed to
+    /// the peer's responder synchronously, in this thread, under the peer's lock (taken with
+    /// `try_lock`: never waiting while this device's lock is held, so no lock order exists to
+    /// violate), and the peer's responses are completed here at once. Nothing else changes:
+    /// the same PSNs, the same responder checks and execution, the same completer, in the same
+    /// order as the packets would have been. What it saves is everything between: the
+    /// request and response packets, both inboxes, the ACK timer, and the hand-off of both
+    /// devices' state between the two threads (the peer's thread need not run its responder
+    /// nor this device's completer).
+    ///
+    /// Used only when nothing of the QP is in flight, so a direct operation can never overtake
+    /// one sent as a packet. When the peer is busy (its lock is taken), stopped for migration
+    /// or across a wire, nothing happens and the caller sends packets as usual.
+    fn pump_direct(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
+        let Some(dest) = self.qps.get(&qpn).map(|q| q.info.dest_gid) else {
+            return;
+        };
+        let fabric = self.port.fabric().clone();
+        let Some(peer) = fabric.local_endpoint(&dest, &mut self.route_cache) else {
+            return;
+        };
+        let src = self.port.gid();
+        let mut replies: SmallVec<[Packet; 2]> = SmallVec::new();
+        loop {
+            let mem = ops.memory();
+            let qps = &mut self.qps;
+            let mut handed = 0;
+            let work = peer.with_engine(&mut |engine, peer_ops| {
+                let Some(qp) = qps.get_mut(&qpn) else {
+                    return;
+                };
+                let peer_qpn = qp.info.dest_qpn;
+                while let Some(pkt) = qp.next_request(mem, src) {
+                    handed += 1;
+                    engine.respond(peer_ops, pkt, true);
+                    // A NAK or a READ/atomic response: complete it before sending more.
+                    if !engine.outbox.is_empty() {
+                        break;
+                    }
+                }
+                engine.take_replies(src, qpn, &mut replies);
+                replies.extend(engine.take_direct_ack(peer_qpn));
+            });
+            let Some(work) = work else {
+                break;
+            };
+            self.port.count_direct(handed);
+            self.work.extend(work);
+            let progress = !replies.is_empty();
+            for pkt in replies.drain(..) {
+                self.complete_response(ops, pkt);
+            }
+            let more = self.qps.get(&qpn).is_some_and(|q| {
+                q.sent == 0
+                    && !q.rnr_wait
+                    && matches!(q.info.state, abi::QPS_RTS | abi::QPS_SQD)
+                    && q.ops.front().is_some_and(|o| o.wr.error.is_none())
+            });
+            if !progress || !more {
+                break;
+            }
+        }
+        // Requests the peer dropped (as a wire would) are retried by the ACK timer.
+        self.arm_ack_timer(qpn);
+    }
+
+    /// The positive ACK the direct path's last request left on the QP (the last response:
+    /// anything sent before it went through the outbox).
+    fn take_direct_ack(&mut self, qpn: u32) -> Option<Packet> {
+        let ack = self.qps.get_mut(&qpn)?.resp.ack_due.take()?;
+        Some(ack.packet(qpn))
+    }
+
+    /// Moves the packets this engine queued for `(gid, qpn)` (the responses of the direct
+    /// path) from its outbox to `out`, in order.
+    fn take_replies(&mut self, gid: abi::Gid, qpn: u32, out: &mut SmallVec<[Packet; 2]>) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let ours = |p: &Packet| p.dst == gid && p.dst_qpn == qpn;
+        if self.outbox.iter().all(ours) {
+            out.extend(self.outbox.drain(..));
+            return;
+        }
+        let mut i = 0;
+        while i < self.outbox.len() {
+            if ours(&self.outbox[i]) {
+                out.extend(self.outbox.remove(i));
+            } else {
+                i += 1;
             }
         }
     }
@@ -575,7 +723,7 @@ impl SoftBackend {
     fn handle(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
         match &pkt.body {
             Body::Send { .. } | Body::Write { .. } | Body::ReadReq { .. } | Body::Atomic { .. } => {
-                self.respond(ops, pkt)
+                self.respond(ops, pkt, false)
             }
             Body::Ack { .. } | Body::ReadResp { .. } | Body::AtomicAck { .. } => {
                 self.complete(ops, pkt)
@@ -586,7 +734,9 @@ impl SoftBackend {
 
     // ---- responder --------------------------------------------------------------------------
 
-    fn respond(&mut self, ops: &mut dyn DeviceOps, mut pkt: Packet) {
+    /// Executes a request. `direct`: on the direct path, where the caller takes the positive
+    /// ACK from the QP at once ([`SoftBackend::take_direct_ack`]) instead of it being queued.
+    fn respond(&mut self, ops: &mut dyn DeviceOps, mut pkt: Packet, direct: bool) {
         let qpn = pkt.dst_qpn;
         let Some(qp) = self.qps.get_mut(&qpn) else {
             return; // Unknown QPN: dropped, as on a wire.
@@ -611,14 +761,14 @@ impl SoftBackend {
             Body::Atomic { .. } => 1,
             _ => qp.npsn(len),
         };
-        let d = psn::diff(pkt.psn, qp.epsn);
+        let d = psn::diff(pkt.psn, qp.resp.epsn);
         if d > 0 {
             // Out of sequence: a packet before it was refused (RNR) or lost. Drop it and, once
             // per gap, NAK the expected PSN so the requester goes back to it without waiting
             // for its ACK timeout (a requester waiting on an RNR timer ignores the NAK).
-            if !qp.nak_sent {
-                qp.nak_sent = true;
-                let epsn = qp.epsn;
+            if !qp.resp.nak_sent {
+                qp.resp.nak_sent = true;
+                let epsn = qp.resp.epsn;
                 self.reply(&pkt, epsn, nak(Syndrome::NakSeq));
             }
             return;
@@ -627,7 +777,7 @@ impl SoftBackend {
             self.duplicate(ops, qpn, pkt);
             return;
         }
-        qp.nak_sent = false;
+        qp.resp.nak_sent = false;
         let last = psn::add(pkt.psn, npsn - 1);
         // The body moves out (no clone of its payload); replies need only the header.
         let body = std::mem::replace(&mut pkt.body, nak(Syndrome::Ack));
@@ -737,7 +887,7 @@ impl SoftBackend {
                     segs,
                 };
                 if let Some(qp) = self.qps.get_mut(&qpn) {
-                    qp.epsn = psn::add(qp.epsn, npsn);
+                    qp.resp.epsn = psn::add(qp.resp.epsn, npsn);
                 }
                 self.reply(&pkt, pkt.psn, Body::ReadResp { payload });
                 return;
@@ -760,10 +910,10 @@ impl SoftBackend {
                     return;
                 };
                 if let Some(qp) = self.qps.get_mut(&qpn) {
-                    qp.epsn = psn::add(qp.epsn, 1);
-                    qp.atomic_replay.push_back((pkt.psn, orig));
-                    if qp.atomic_replay.len() > ATOMIC_REPLAY {
-                        qp.atomic_replay.pop_front();
+                    qp.resp.epsn = psn::add(qp.resp.epsn, 1);
+                    qp.resp.atomic_replay.push_back((pkt.psn, orig));
+                    if qp.resp.atomic_replay.len() > ATOMIC_REPLAY {
+                        qp.resp.atomic_replay.pop_front();
                     }
                 }
                 self.reply(&pkt, pkt.psn, Body::AtomicAck { orig });
@@ -772,33 +922,44 @@ impl SoftBackend {
             _ => return,
         }
         let msn = if let Some(qp) = self.qps.get_mut(&qpn) {
-            qp.epsn = psn::add(qp.epsn, npsn);
-            qp.msn = qp.msn.wrapping_add(1) & psn::MASK;
-            qp.msn
+            qp.resp.epsn = psn::add(qp.resp.epsn, npsn);
+            qp.resp.msn = qp.resp.msn.wrapping_add(1) & psn::MASK;
+            qp.resp.msn
         } else {
             0
         };
-        self.defer_ack(&pkt, last, msn);
+        self.defer_ack(&pkt, last, msn, direct);
     }
 
     /// Records a positive ACK for `req`'s QP, to be sent when the inbox drain ends (or before
     /// any other response of that QP). A wire request that did not ask for an ACK is
     /// acknowledged within [`ACK_DELAY`] (or after [`ACK_DELAY_MAX_MSGS`] such messages),
     /// coalesced with what follows.
-    fn defer_ack(&mut self, req: &Packet, psn: u32, msn: u32) {
+    fn defer_ack(&mut self, req: &Packet, psn: u32, msn: u32, direct: bool) {
         let lazy = req.src_qpn == SRC_QPN_WIRE && !req.ack_req;
         let Some(qp) = self.qps.get_mut(&req.dst_qpn) else {
             return;
         };
-        let first = qp.ack_due.is_none();
-        let held = qp.acks_held;
-        qp.acks_held = if lazy && held + 1 < ACK_DELAY_MAX_MSGS {
+        let first = qp.resp.ack_due.is_none();
+        if direct {
+            // Superseding any ACK still owed: this one acknowledges everything before it.
+            qp.resp.ack_due = Some(AckDue {
+                to: req.src,
+                from: req.dst,
+                dst_qpn: qp.info.dest_qpn,
+                psn,
+                msn,
+            });
+            return;
+        }
+        let held = qp.resp.acks_held;
+        qp.resp.acks_held = if lazy && held + 1 < ACK_DELAY_MAX_MSGS {
             held + 1
         } else {
             0
         };
-        let lazy = qp.acks_held > 0;
-        qp.ack_due = Some(AckDue {
+        let lazy = qp.resp.acks_held > 0;
+        qp.resp.ack_due = Some(AckDue {
             to: req.src,
             from: req.dst,
             dst_qpn: qp.info.dest_qpn,
@@ -844,8 +1005,8 @@ impl SoftBackend {
         self.held_until = None;
         while let Some(qpn) = self.held_acks.pop() {
             if let Some(qp) = self.qps.get_mut(&qpn) {
-                qp.acks_held = 0;
-                if let Some(ack) = qp.ack_due.take() {
+                qp.resp.acks_held = 0;
+                if let Some(ack) = qp.resp.ack_due.take() {
                     self.send(ack.packet(qpn));
                 }
             }
@@ -855,8 +1016,8 @@ impl SoftBackend {
     fn flush_acks(&mut self) {
         while let Some(qpn) = self.acks.pop() {
             if let Some(qp) = self.qps.get_mut(&qpn) {
-                qp.acks_held = 0;
-                if let Some(ack) = qp.ack_due.take() {
+                qp.resp.acks_held = 0;
+                if let Some(ack) = qp.resp.ack_due.take() {
                     self.send(ack.packet(qpn));
                 }
             }
@@ -870,7 +1031,8 @@ impl SoftBackend {
         match &pkt.body {
             Body::Atomic { .. } => {
                 // Never execute twice: replay the saved result.
-                if let Some(&(_, orig)) = qp.atomic_replay.iter().find(|(p, _)| *p == pkt.psn) {
+                if let Some(&(_, orig)) = qp.resp.atomic_replay.iter().find(|(p, _)| *p == pkt.psn)
+                {
                     self.reply(&pkt, pkt.psn, Body::AtomicAck { orig });
                 }
             }
@@ -886,10 +1048,10 @@ impl SoftBackend {
                 }
             }
             _ => {
-                let msn = qp.msn;
+                let msn = qp.resp.msn;
                 // Re-acknowledge up to the last PSN received so far.
-                let last = psn::add(qp.epsn, psn::MASK);
-                self.defer_ack(&pkt, last, msn);
+                let last = psn::add(qp.resp.epsn, psn::MASK);
+                self.defer_ack(&pkt, last, msn, false);
             }
         }
     }
@@ -991,15 +1153,24 @@ impl SoftBackend {
 
     fn complete(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
         let qpn = pkt.dst_qpn;
+        if self.complete_response(ops, pkt) {
+            self.pump(ops, qpn);
+        }
+    }
+
+    /// The completer proper: handles one response; returns whether the QP made progress
+    /// (then the caller sends what may be sent now).
+    fn complete_response(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) -> bool {
+        let qpn = pkt.dst_qpn;
         let Some(qp) = self.qps.get(&qpn) else {
-            return;
+            return false;
         };
         if qp.info.qp_type != abi::QPT_RC
             || !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD | abi::QPS_SQE)
             || pkt.src != qp.info.dest_gid
             || (pkt.src_qpn != qp.info.dest_qpn && pkt.src_qpn != SRC_QPN_WIRE)
         {
-            return;
+            return false;
         }
         match pkt.body {
             Body::Ack {
@@ -1010,23 +1181,23 @@ impl SoftBackend {
                 // Everything before the NAKed PSN was received.
                 self.retire_acked(ops, qpn, pkt.psn, false);
                 let Some(qp) = self.qps.get_mut(&qpn) else {
-                    return;
+                    return false;
                 };
                 let Some(idx) = qp
                     .ops
                     .iter()
                     .position(|o| o.sent && psn::diff(o.last_psn(), pkt.psn) >= 0)
                 else {
-                    return;
+                    return false;
                 };
                 if idx != 0 || psn::diff(qp.ops[0].psn, pkt.psn) > 0 {
-                    return; // Stale NAK.
+                    return false; // Stale NAK.
                 }
                 match syndrome {
                     Syndrome::RnrNak(t) => {
                         if qp.rnr_left == 0 {
                             self.fail_head(ops, qpn, abi::WC_RNR_RETRY_EXC_ERR, 0);
-                            return;
+                            return false;
                         }
                         if qp.info.rnr_retry != 7 {
                             qp.rnr_left -= 1;
@@ -1035,31 +1206,31 @@ impl SoftBackend {
                         qp.rnr_wait = true;
                         let at = self.now() + Duration::from_micros(rnr_timer_us(t));
                         self.arm_timer(qpn, at);
-                        return;
+                        return false;
                     }
-                    Syndrome::NakSeq if qp.rnr_wait => return,
+                    Syndrome::NakSeq if qp.rnr_wait => return false,
                     Syndrome::NakSeq => {
                         qp.unsend_all();
                         qp.deadline = None;
                     }
                     Syndrome::NakAccess => {
                         self.fail_head(ops, qpn, abi::WC_REM_ACCESS_ERR, 0);
-                        return;
+                        return false;
                     }
                     Syndrome::NakInvalid => {
                         self.fail_head(ops, qpn, abi::WC_REM_INV_REQ_ERR, 0);
-                        return;
+                        return false;
                     }
                     Syndrome::NakOperational | Syndrome::Ack => {
                         self.fail_head(ops, qpn, abi::WC_REM_OP_ERR, 0);
-                        return;
+                        return false;
                     }
                 }
             }
             Body::ReadResp { ref payload } => {
                 self.retire_acked(ops, qpn, pkt.psn, false);
                 let Some(qp) = self.qps.get_mut(&qpn) else {
-                    return;
+                    return false;
                 };
                 // A response of the wrong length (only a wire peer can send one) is ignored
                 // like a lost one: the retry timer asks again.
@@ -1070,7 +1241,7 @@ impl SoftBackend {
                         && payload.len() == o.wr.len
                 });
                 if !matches {
-                    return;
+                    return false;
                 }
                 let op = qp.pop_front().expect("front exists");
                 qp.retry_left = qp.info.retry_cnt;
@@ -1080,21 +1251,21 @@ impl SoftBackend {
             Body::AtomicAck { orig } => {
                 self.retire_acked(ops, qpn, pkt.psn, false);
                 let Some(qp) = self.qps.get_mut(&qpn) else {
-                    return;
+                    return false;
                 };
                 let matches = qp
                     .ops
                     .front()
                     .is_some_and(|o| o.sent && o.is_rd_atomic() && o.psn == pkt.psn);
                 if !matches {
-                    return;
+                    return false;
                 }
                 let op = qp.pop_front().expect("front exists");
                 qp.retry_left = qp.info.retry_cnt;
                 mr::write_segs(ops.memory(), &op.wr.local, &orig.to_le_bytes());
                 Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
             }
-            _ => return,
+            _ => return false,
         }
         // Progress: restart the ACK timer for what is still in flight, then send more.
         if let Some(qp) = self.qps.get_mut(&qpn) {
@@ -1106,7 +1277,7 @@ impl SoftBackend {
                 self.arm_timer(qpn, at);
             }
         }
-        self.pump(ops, qpn);
+        true
     }
 
     fn expire(&mut self, ops: &mut dyn DeviceOps, now: Instant) {
@@ -1307,7 +1478,7 @@ impl Backend for SoftBackend {
         let Some(qp) = self.qps.get_mut(&qpn) else {
             return;
         };
-        qp.info = *info;
+        *qp.info = *info;
         match info.state {
             abi::QPS_RESET => {
                 *qp = SoftQp::new(*info);
@@ -1316,7 +1487,7 @@ impl Backend for SoftBackend {
                 self.flush_ops(ops, qpn);
             }
             abi::QPS_RTR if prev_state == abi::QPS_INIT => {
-                qp.epsn = info.rq_psn;
+                qp.resp.epsn = info.rq_psn;
             }
             abi::QPS_RTS => {
                 if prev_state == abi::QPS_RTR {
@@ -1451,7 +1622,7 @@ impl SoftBackend {
             .iter()
             .flatten()
             .map(|q| SoftQpSnapshot {
-                info: q.info,
+                info: *q.info,
                 next_psn: q.next_psn,
                 ops: q
                     .ops
@@ -1467,9 +1638,9 @@ impl SoftBackend {
                 rnr_left: q.rnr_left,
                 timer_armed: q.deadline.is_some(),
                 rnr_wait: q.rnr_wait,
-                epsn: q.epsn,
-                msn: q.msn,
-                atomic_replay: q.atomic_replay.iter().copied().collect(),
+                epsn: q.resp.epsn,
+                msn: q.resp.msn,
+                atomic_replay: q.resp.atomic_replay.iter().copied().collect(),
             })
             .collect();
         BackendSnapshot { qps }
@@ -1512,9 +1683,9 @@ impl SoftBackend {
             qp.retry_left = s.retry_left;
             qp.rnr_left = s.rnr_left;
             qp.rnr_wait = s.rnr_wait;
-            qp.epsn = s.epsn;
-            qp.msn = s.msn;
-            qp.atomic_replay = s.atomic_replay.into_iter().collect();
+            qp.resp.epsn = s.epsn;
+            qp.resp.msn = s.msn;
+            qp.resp.atomic_replay = s.atomic_replay.into_iter().collect();
             let mut expect_psn = s.ops.first().map(|o| o.psn);
             let mut unsent_seen = false;
             for o in s.ops {

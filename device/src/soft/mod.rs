@@ -57,6 +57,20 @@ pub enum FabricError {
 pub trait Endpoint: Send + Sync {
     /// Handles packets queued for this endpoint and timers that expired.
     fn process_fabric(&self) -> Work;
+
+    /// The direct path ([`engine::SoftBackend`]'s synchronous delivery to a peer in this
+    /// process): if the endpoint's lock is free right now (`try_lock`: the caller holds its
+    /// own endpoint's lock) and the endpoint runs, calls `f` with its engine and its
+    /// [`DeviceOps`](crate::backend::DeviceOps), finishes the entry as after
+    /// [`Endpoint::process_fabric`] (completions, events, interrupts) and returns the ports its
+    /// processing sent packets to. `None`: `f` was not called; the caller sends packets.
+    fn with_engine(
+        &self,
+        f: &mut dyn FnMut(&mut engine::SoftBackend, &mut dyn crate::backend::DeviceOps),
+    ) -> Option<Work> {
+        let _ = f;
+        None
+    }
 }
 
 /// Where a packet goes: an in-process port or a wire gateway.
@@ -115,6 +129,9 @@ pub struct FabricStats {
     pub delivered: u64,
     /// Packets dropped because no port had the destination GID.
     pub unroutable: u64,
+    /// Requests handed to an in-process peer's responder at once (the engine's direct path)
+    /// instead of being delivered as packets.
+    pub direct: u64,
 }
 
 /// An in-process fabric connecting devices by GID.
@@ -126,6 +143,8 @@ pub struct SoftFabric {
     timer_thread: Mutex<Option<JoinHandle<()>>>,
     delivered: AtomicU64,
     unroutable: AtomicU64,
+    /// Direct requests of ports that detached (the attached ones count their own).
+    direct_detached: AtomicU64,
     /// Bumped on every attach and detach; invalidates route caches.
     epoch: AtomicU64,
     /// RoCEv2 gateways of local GIDs ([`wire`]).
@@ -155,6 +174,7 @@ impl SoftFabric {
             timer_thread: Mutex::new(None),
             delivered: AtomicU64::new(0),
             unroutable: AtomicU64::new(0),
+            direct_detached: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             wires: RwLock::new(Vec::new()),
             self_ref: w.clone(),
@@ -163,9 +183,17 @@ impl SoftFabric {
 
     /// Counters.
     pub fn stats(&self) -> FabricStats {
+        let attached: u64 = self
+            .ports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|p| p.direct.load(Ordering::Relaxed))
+            .sum();
         FabricStats {
             delivered: self.delivered.load(Ordering::Relaxed),
             unroutable: self.unroutable.load(Ordering::Relaxed),
+            direct: attached + self.direct_detached.load(Ordering::Relaxed),
         }
     }
 
@@ -267,6 +295,8 @@ impl SoftFabric {
         let mut ports = self.ports.write().unwrap_or_else(|e| e.into_inner());
         if ports.get(&port.gid).is_some_and(|p| p.id == port.id) {
             ports.remove(&port.gid);
+            self.direct_detached
+                .fetch_add(port.direct.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.by_id
@@ -387,6 +417,30 @@ impl SoftFabric {
         }
     }
 
+    /// The endpoint attached under `gid` in this process (not across a wire, not paused), for
+    /// the engine's direct path. Consults and refreshes the sender's route cache.
+    pub(crate) fn local_endpoint(
+        &self,
+        gid: &Gid,
+        cache: &mut RouteCache,
+    ) -> Option<Arc<dyn Endpoint>> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let fresh = matches!(&cache.0, Some((g, e, _)) if g == gid && *e == epoch);
+        if !fresh {
+            let port = self
+                .ports
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(gid)
+                .cloned()?;
+            cache.0 = Some((*gid, epoch, Target::Port(port)));
+        }
+        match &cache.0 {
+            Some((_, _, Target::Port(p))) if !p.paused.load(Ordering::Acquire) => p.dev.upgrade(),
+            _ => None,
+        }
+    }
+
     /// Asks the timer thread to process `port` at `deadline`.
     pub(crate) fn schedule(&self, port: &Port, deadline: Instant) {
         let mut t = self.timer.timers.lock().unwrap_or_else(|e| e.into_inner());
@@ -500,6 +554,9 @@ pub struct Port {
     /// endpoint's QPs towards them resend what is unacknowledged at once.
     resumed: Mutex<Vec<Gid>>,
     has_resumed: AtomicBool,
+    /// Requests this port's endpoint handed to peers directly ([`FabricStats::direct`]); on
+    /// a line of its own, written by the sender only.
+    direct: crossbeam_utils::CachePadded<AtomicU64>,
 }
 
 impl std::fmt::Debug for Port {
@@ -528,6 +585,7 @@ impl Port {
             paused: AtomicBool::new(false),
             resumed: Mutex::new(Vec::new()),
             has_resumed: AtomicBool::new(false),
+            direct: Default::default(),
         })
     }
 
@@ -612,6 +670,11 @@ impl Port {
                 next.push_all(pkts)
             }
         }
+    }
+
+    /// Counts requests handed to a peer directly.
+    pub(crate) fn count_direct(&self, n: u64) {
+        self.direct.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Takes the remote GIDs that resumed since the last call (cheap when there are none).
