@@ -63,8 +63,19 @@ pub fn copy(
     true
 }
 
-/// Runs `f` on the volatile slice `[gpa, gpa + len)` of the one region that holds it (dirty
-/// tracking included); `None` if no region holds all of it.
+/// The volatile slice `[gpa, gpa + len)` of the one region that holds all of it (dirty
+/// tracking included); `None` if no region does.
+#[inline]
+pub fn slice(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    len: usize,
+) -> Option<vm_memory::VolatileSlice<'_, BS<'_, AtomicBitmap>>> {
+    let (r, off) = region_of(mem, gpa, len as u64)?;
+    std::ops::Deref::deref(r).get_slice(off, len).ok()
+}
+
+/// Runs `f` on [`slice`]`(mem, gpa, len)`.
 #[inline]
 fn with_slice<R>(
     mem: &GuestMemoryMmap,
@@ -72,8 +83,7 @@ fn with_slice<R>(
     len: usize,
     f: impl FnOnce(vm_memory::VolatileSlice<'_, BS<'_, AtomicBitmap>>) -> Option<R>,
 ) -> Option<R> {
-    let (r, off) = region_of(mem, gpa, len as u64)?;
-    f(std::ops::Deref::deref(r).get_slice(off, len).ok()?)
+    f(slice(mem, gpa, len)?)
 }
 
 /// Reads a `T` at `gpa`.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vm_memory::{ByteValued, Bytes, GuestAddress, VolatileMemory};
 use vrdma_abi::{self as abi, QpAttr};
 
 use crate::backend::{Backend, Completion, DeviceOps, QpInfo, RecvWr, SendWr, TakeRecv, UdDest};
@@ -875,6 +875,11 @@ impl State {
 
     /// Raises EV_SQ_DRAINED for QPs in SQD whose in-flight send WRs have all completed.
     fn check_drained(&mut self) {
+        // Read-only when nothing drains: peers' threads run this on the direct path, and a
+        // write here would move the core's line between the cores.
+        if self.core.draining.is_empty() {
+            return;
+        }
         let backend = &self.backend;
         let core = &mut self.core;
         let mut done = Vec::new();
@@ -1085,9 +1090,9 @@ fn take_bits(
     let mut out = smallvec::SmallVec::new();
     let words = abi::bitmap_bytes(max) / 8;
     // The doorbell area was checked to lie in one region when it was registered.
-    let (Ok(sum), Ok(slice)) = (
-        mem.get_slice(GuestAddress(summary_at), 8),
-        mem.get_slice(GuestAddress(base), (words * 8) as usize),
+    let (Some(sum), Some(slice)) = (
+        gm::slice(mem, summary_at, 8),
+        gm::slice(mem, base, (words * 8) as usize),
     ) else {
         return out;
     };

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vrdma_abi as abi;
 
 use crate::error::{Error, Result};
@@ -408,8 +408,7 @@ impl Buffer {
     /// If the range is outside the buffer.
     pub fn write(&self, offset: u64, data: &[u8]) {
         self.for_each_chunk(offset, data.len(), |gpa, r| {
-            self.mem
-                .write_slice(&data[r], gpa)
+            crate::gmem::write_slice(&self.mem, &data[r], gpa)
                 .expect("buffer page outside guest memory");
         });
     }
@@ -420,8 +419,7 @@ impl Buffer {
     /// If the range is outside the buffer.
     pub fn read(&self, offset: u64, out: &mut [u8]) {
         self.for_each_chunk(offset, out.len(), |gpa, r| {
-            self.mem
-                .read_slice(&mut out[r], gpa)
+            crate::gmem::read_slice(&self.mem, &mut out[r], gpa)
                 .expect("buffer page outside guest memory");
         });
     }
@@ -495,6 +493,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     const BASE: u64 = 0x10_0000;
 

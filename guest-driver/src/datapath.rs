@@ -9,7 +9,7 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, ByteValued, Bytes, GuestMemoryBackend, VolatileMemory};
+use vm_memory::{Address, ByteValued, Bytes, VolatileMemory};
 use vrdma_abi as abi;
 use vrdma_abi::{Cqe, RecvWqe, SendWqe};
 
@@ -164,7 +164,8 @@ impl Driver {
         // contiguous in guest memory (slots never cross a page): the cost of a guest's plain
         // stores into its ring, rather than one vm-memory access per field.
         let stride = qp.sq.stride as usize;
-        let mut stage: Vec<u8> = Vec::with_capacity(abi::VRDMA_PAGE_SIZE as usize);
+        let mut stage = std::mem::take(&mut qp.stage);
+        stage.clear();
         let mut run_start = qp.sq.slot_gpa(prod);
         for wr in wrs {
             let slot = qp.sq.slot_gpa(prod);
@@ -189,9 +190,12 @@ impl Driver {
             stage.resize(at + stride, 0);
             prod = prod.wrapping_add(1);
         }
-        self.write_guest(&stage, run_start)?;
+        let written = self.write_guest(&stage, run_start);
+        qp.stage = stage;
+        written?;
         // Release: the WQEs are visible before the new producer index.
-        self.mem.store(
+        crate::gmem::store(
+            &self.mem,
             prod,
             qp.sq.header_gpa(abi::RING_PROD_OFFSET),
             Ordering::Release,
@@ -257,15 +261,19 @@ impl Driver {
                 num_sge: wr.sges.len() as u32,
                 reserved: 0,
             };
-            self.mem.write_obj(hdr, slot)?;
+            crate::gmem::write_obj(&self.mem, hdr, slot)?;
             let body = slot.unchecked_add(abi::RECV_WQE_HDR as u64);
             for (k, sge) in wr.sges.iter().enumerate() {
-                self.mem
-                    .write_obj(*sge, body.unchecked_add(k as u64 * abi::SGE_SIZE as u64))?;
+                crate::gmem::write_obj(
+                    &self.mem,
+                    *sge,
+                    body.unchecked_add(k as u64 * abi::SGE_SIZE as u64),
+                )?;
             }
             prod = prod.wrapping_add(1);
         }
-        self.mem.store(
+        crate::gmem::store(
+            &self.mem,
             prod,
             qp.rq.header_gpa(abi::RING_PROD_OFFSET),
             Ordering::Release,
@@ -281,9 +289,9 @@ impl Driver {
     /// common case: a ring slot), else through the general, region-spanning path.
     #[inline]
     fn write_guest(&self, bytes: &[u8], gpa: vm_memory::GuestAddress) -> Result<()> {
-        match self.mem.get_slice(gpa, bytes.len()) {
+        match crate::gmem::slice(&self.mem, gpa, bytes.len()) {
             Ok(s) => s.copy_from(bytes),
-            Err(_) => self.mem.write_slice(bytes, gpa)?,
+            Err(_) => crate::gmem::write_slice(&self.mem, bytes, gpa)?,
         }
         Ok(())
     }
@@ -291,9 +299,9 @@ impl Driver {
     /// Reads a `T` at `gpa`, like [`Driver::write_guest`].
     #[inline]
     fn read_guest<T: vm_memory::ByteValued>(&self, gpa: vm_memory::GuestAddress) -> Result<T> {
-        match self.mem.get_slice(gpa, std::mem::size_of::<T>()) {
+        match crate::gmem::slice(&self.mem, gpa, std::mem::size_of::<T>()) {
             Ok(s) => Ok(s.read_obj(0)?),
-            Err(_) => Ok(self.mem.read_obj(gpa)?),
+            Err(_) => Ok(crate::gmem::read_obj(&self.mem, gpa)?),
         }
     }
 
@@ -350,7 +358,8 @@ impl Driver {
         }
         if n > 0 {
             // Cannot fail: the header page was just read through the same mapping.
-            let _ = self.mem.store(
+            let _ = crate::gmem::store(
+                &self.mem,
                 cq.cons,
                 cq.ring.header_gpa(abi::RING_CONS_OFFSET),
                 Ordering::Release,
@@ -387,7 +396,8 @@ impl Driver {
         if !cq.ring.alive() {
             return Err(Error::InvalidArgument("CQ destroyed"));
         }
-        self.mem.store(
+        crate::gmem::store(
+            &self.mem,
             cq.cons,
             cq.ring.header_gpa(abi::RING_ARM_CONS_OFFSET),
             Ordering::Relaxed,
@@ -399,7 +409,8 @@ impl Driver {
             abi::CQ_ARM_NEXT
         };
         // Release: arm_cons is visible before the new arm value.
-        self.mem.store(
+        crate::gmem::store(
+            &self.mem,
             (cq.arm_seq << 2) | flag,
             cq.ring.header_gpa(abi::RING_ARM_OFFSET),
             Ordering::Release,
@@ -421,7 +432,7 @@ impl Driver {
             .ok_or(Error::InvalidArgument(
                 "doorbell bit outside the doorbell area",
             ))?;
-        let slice = self.mem.get_slice(self.db.gpa.unchecked_add(off), 8)?;
+        let slice = crate::gmem::slice(&self.mem, self.db.gpa.unchecked_add(off), 8)?;
         let word = slice.get_atomic_ref::<AtomicU64>(0)?;
         let bit = 1u64 << (index % 64);
         let old = word.fetch_or(bit, Ordering::SeqCst);
@@ -436,7 +447,7 @@ impl Driver {
         } else {
             abi::DB_CQ_SUMMARY_OFFSET
         };
-        let sslice = self.mem.get_slice(self.db.gpa.unchecked_add(summary), 8)?;
+        let sslice = crate::gmem::slice(&self.mem, self.db.gpa.unchecked_add(summary), 8)?;
         let sword = sslice.get_atomic_ref::<AtomicU64>(0)?;
         sword.fetch_or(abi::db_summary_bit(index as u64 / 64), Ordering::SeqCst);
         sslice.bitmap().mark_dirty(0, 8);
@@ -461,7 +472,7 @@ impl Driver {
     #[inline]
     fn kick_unless_polling(&self) -> Result<()> {
         fence(Ordering::SeqCst);
-        let flags: u32 = self.mem.load(self.db.gpa, Ordering::SeqCst)?;
+        let flags: u32 = crate::gmem::load(&self.mem, self.db.gpa, Ordering::SeqCst)?;
         let polling = flags & abi::DB_DEVICE_POLLING != 0
             && self.features() & abi::VRDMA_F_DB_SUPPRESSION != 0;
         if polling {
@@ -494,7 +505,11 @@ impl Driver {
 
     /// `DoorbellHeader::device_flags`.
     pub fn device_flags(&self) -> Result<u32> {
-        Ok(self.mem.load(self.db.gpa, Ordering::Acquire)?)
+        Ok(crate::gmem::load(
+            &self.mem,
+            self.db.gpa,
+            Ordering::Acquire,
+        )?)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -545,7 +560,11 @@ impl Driver {
                 "offset outside the ring's control block",
             ));
         }
-        Ok(self.mem.load(ring.header_gpa(offset), Ordering::Acquire)?)
+        Ok(crate::gmem::load(
+            &self.mem,
+            ring.header_gpa(offset),
+            Ordering::Acquire,
+        )?)
     }
 
     /// The device's SQ consumer index.
@@ -577,7 +596,11 @@ fn write_slot(d: &Driver, ring: &Ring, index: u32, bytes: &[u8]) -> Result<()> {
     if !ring.alive() || bytes.len() > ring.stride as usize {
         return Err(Error::InvalidArgument("slot write larger than the stride"));
     }
-    Ok(d.mem.write_slice(bytes, ring.slot_gpa(index))?)
+    Ok(crate::gmem::write_slice(
+        &d.mem,
+        bytes,
+        ring.slot_gpa(index),
+    )?)
 }
 
 /// Doorbell counters, for benchmarks.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
+use vm_memory::{Address, ByteValued, GuestAddress};
 use vrdma_abi as abi;
 use vrdma_abi::{AhAttr, Event, Gid, PortAttr, QpAttr, VrdmaConfig};
 
@@ -479,7 +479,7 @@ impl Driver {
                 }
                 let a = lock(&self.alloc).alloc_contiguous(len)?;
                 scratch.push((a, len));
-                self.mem.write_slice(r, a)?;
+                crate::gmem::write_slice(&self.mem, r, a)?;
                 if split {
                     let mut off = 0;
                     while off < len {
@@ -549,7 +549,7 @@ impl Driver {
             let (addr, len) = *scratch.last().expect("writable scratch");
             let n = (used_len as u64).min(len) as usize;
             written = vec![0; n];
-            self.mem.read_slice(&mut written, addr)?;
+            crate::gmem::read_slice(&self.mem, &mut written, addr)?;
         }
         free_scratch(&scratch);
         Ok((used_len, written))
@@ -836,6 +836,7 @@ impl Driver {
                 stride: rq_stride,
             },
             sq_prod: 0,
+            stage: Vec::new(),
             rq_prod: 0,
             shared,
         })
@@ -1063,9 +1064,7 @@ impl Driver {
             };
             let addr = ev.buf_of_head[head as usize];
             if len >= abi::EVENT_SIZE {
-                let e: Event = self
-                    .mem
-                    .read_obj(GuestAddress(addr))
+                let e: Event = crate::gmem::read_obj(&self.mem, GuestAddress(addr))
                     .expect("event buffer in guest memory");
                 if e.kind == abi::EV_QP_FATAL {
                     self.learn_qp_error(e.handle);

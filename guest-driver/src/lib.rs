@@ -88,6 +88,7 @@ pub mod alloc;
 mod datapath;
 mod driver;
 pub mod error;
+pub(crate) mod gmem;
 pub mod mmio;
 mod verbs;
 pub mod virtq;

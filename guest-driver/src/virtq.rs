@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{fence, Ordering};
 
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, GuestAddress};
 
 use crate::error::{Error, Result};
 use crate::GuestMemoryMmap;
@@ -160,17 +160,18 @@ impl SplitQueue {
             d[8..12].copy_from_slice(&seg.len.to_le_bytes());
             d[12..14].copy_from_slice(&flags.to_le_bytes());
             d[14..16].copy_from_slice(&next.to_le_bytes());
-            mem.write_slice(&d, self.desc_addr(id))?;
+            crate::gmem::write_slice(mem, &d, self.desc_addr(id))?;
             self.next[id as usize] = next;
         }
         self.free.truncate(n - segs.len());
         self.chain_len[head as usize] = segs.len() as u16;
 
         let slot = self.avail_idx % self.size;
-        mem.write_obj(head, self.avail.unchecked_add(4 + 2 * slot as u64))?;
+        crate::gmem::write_obj(mem, head, self.avail.unchecked_add(4 + 2 * slot as u64))?;
         self.avail_idx = self.avail_idx.wrapping_add(1);
         fence(Ordering::Release);
-        mem.store(
+        crate::gmem::store(
+            mem,
             self.avail_idx,
             self.avail.unchecked_add(2),
             Ordering::Release,
@@ -181,13 +182,14 @@ impl SplitQueue {
     /// Takes the next entry of the used ring, if the device published one: `(head, len)`. The
     /// chain's descriptors return to the free list.
     pub fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Result<Option<(u16, u32)>> {
-        let used_idx: u16 = mem.load(self.used.unchecked_add(2), Ordering::Acquire)?;
+        let used_idx: u16 = crate::gmem::load(mem, self.used.unchecked_add(2), Ordering::Acquire)?;
         if used_idx == self.last_used {
             return Ok(None);
         }
         let slot = self.last_used % self.size;
         let mut e = [0u8; USED_ELEM_SIZE as usize];
-        mem.read_slice(
+        crate::gmem::read_slice(
+            mem,
             &mut e,
             self.used.unchecked_add(4 + USED_ELEM_SIZE * slot as u64),
         )?;
@@ -219,7 +221,7 @@ pub(crate) fn zero(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Resul
     let mut off = 0;
     while off < len {
         let n = (len - off).min(ZEROES.len() as u64);
-        mem.write_slice(&ZEROES[..n as usize], addr.unchecked_add(off))?;
+        crate::gmem::write_slice(mem, &ZEROES[..n as usize], addr.unchecked_add(off))?;
         off += n;
     }
     Ok(())

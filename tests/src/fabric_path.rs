@@ -290,8 +290,23 @@ impl BareEndpoint {
         let work = {
             let mut g = self.lock();
             let Inner { backend, ops } = &mut *g;
+            // As the device's SQ fetch: RC WRs are appended in place and sent once per batch.
+            let mut batched = false;
             for wr in wrs {
-                backend.post_send(ops, qpn, wr);
+                match backend.send_slot(qpn) {
+                    Some(mut slot) => {
+                        *slot.wr() = wr;
+                        batched = true;
+                        if slot.commit() {
+                            backend.pump_posted(ops, qpn);
+                            batched = false;
+                        }
+                    }
+                    None => backend.post_send(ops, qpn, wr),
+                }
+            }
+            if batched {
+                backend.pump_posted(ops, qpn);
             }
             self.cq_len.store(ops.cq.len(), Ordering::Release);
             backend.take_work()

@@ -193,18 +193,18 @@ impl SoftQp {
 }
 
 /// An operation just appended to a QP's send queue ([`SoftBackend::send_slot`]).
-pub(crate) struct SendSlot<'a>(&'a mut SoftQp);
+pub struct SendSlot<'a>(&'a mut SoftQp);
 
 impl SendSlot<'_> {
     /// The WR, to be filled in place.
-    pub(crate) fn wr(&mut self) -> &mut SendWr {
+    pub fn wr(&mut self) -> &mut SendWr {
         &mut self.0.ops.back_mut().expect("just appended").wr
     }
 
     /// Numbers the filled-in WR. Returns whether it is malformed (the caller then runs
     /// [`SoftBackend::pump_posted`] at once, so that the QP fails before more WQEs are
     /// fetched).
-    pub(crate) fn commit(self) -> bool {
+    pub fn commit(self) -> bool {
         self.0.number_last()
     }
 }
@@ -657,7 +657,7 @@ impl SoftBackend {
     /// in place (no move of the WR), then commits ([`SendSlot::commit`]). After the last
     /// WR of a doorbell, [`SoftBackend::pump_posted`] sends what may be sent (one call per
     /// batch instead of one per WR). `None` for an unknown or UD QP: those take `post_send`.
-    pub(crate) fn send_slot(&mut self, qpn: u32) -> Option<SendSlot<'_>> {
+    pub fn send_slot(&mut self, qpn: u32) -> Option<SendSlot<'_>> {
         let qp = self.qps.get_mut(&qpn)?;
         if qp.info.qp_type == abi::QPT_UD {
             return None;
@@ -672,7 +672,7 @@ impl SoftBackend {
     }
 
     /// Sends what the QP may send after WRs were posted (see [`SoftBackend::send_slot`]).
-    pub(crate) fn pump_posted(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
+    pub fn pump_posted(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
         self.pump(ops, qpn);
         // Only a newly armed timer can move the next deadline earlier.
         if self.timers_changed {
