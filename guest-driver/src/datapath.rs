@@ -309,9 +309,11 @@ impl Driver {
     /// the producer (a device bug) leaves no free slot.
     #[inline]
     fn ring_free(&self, ring: &Ring, prod: u32) -> Result<u32> {
-        let cons: u32 = self
-            .mem
-            .load(ring.header_gpa(abi::RING_CONS_OFFSET), Ordering::Acquire)?;
+        let cons: u32 = crate::gmem::load(
+            &self.mem,
+            ring.header_gpa(abi::RING_CONS_OFFSET),
+            Ordering::Acquire,
+        )?;
         Ok(ring.depth.saturating_sub(prod.wrapping_sub(cons)))
     }
 
@@ -335,10 +337,11 @@ impl Driver {
         let mut err_qpn = None;
         while n < out.len() {
             let slot = cq.ring.slot_gpa(cq.cons);
-            let owner: u8 = match self
-                .mem
-                .load(slot.unchecked_add(abi::CQE_OWNER_OFFSET), Ordering::Acquire)
-            {
+            let owner: u8 = match crate::gmem::load(
+                &self.mem,
+                slot.unchecked_add(abi::CQE_OWNER_OFFSET),
+                Ordering::Acquire,
+            ) {
                 Ok(o) => o,
                 Err(_) => break,
             };
@@ -548,9 +551,12 @@ impl Driver {
                 "offset outside the ring's control block",
             ));
         }
-        Ok(self
-            .mem
-            .store(value, ring.header_gpa(offset), Ordering::Release)?)
+        Ok(crate::gmem::store(
+            &self.mem,
+            value,
+            ring.header_gpa(offset),
+            Ordering::Release,
+        )?)
     }
 
     /// Acquire-loads a u32 at byte `offset` of a ring's control block.
