@@ -949,6 +949,8 @@ fn restore_core(
             HandleTable::from_delta(cfg.max_mr, pre.mrs, mrs, |_, m| mr_from(mem, &cfg, m))
         }
     }
+    // The restored device may be migrated again, with a pre-copy of its MR table.
+    .map(HandleTable::tracked)
     .map_err(t("MR table"))?;
     let mut mr_pages = 0u64;
     for (h, m) in core.mrs.iter() {

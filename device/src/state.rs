@@ -165,7 +165,7 @@ impl Core {
     pub(crate) fn new(cfg: DeviceConfig) -> Self {
         Self {
             pds: HandleTable::new(cfg.max_pd),
-            mrs: HandleTable::new(cfg.max_mr),
+            mrs: HandleTable::new(cfg.max_mr).tracked(),
             cqs: HandleTable::new(cfg.max_cq),
             qps: HandleTable::new(cfg.max_qp),
             ahs: HandleTable::new(cfg.max_ah),

@@ -53,6 +53,8 @@ pub struct HandleTable<T> {
     id: u64,
     /// Number of slot changes so far; the stamp of the latest change.
     gen: u64,
+    /// Whether changes are recorded ([`HandleTable::tracked`]).
+    track: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +85,7 @@ impl<T: Clone> Clone for HandleTable<T> {
             live: self.live,
             id: fresh_id(),
             gen: self.gen,
+            track: self.track,
         }
     }
 }
@@ -97,20 +100,34 @@ impl<T> HandleTable<T> {
             live: 0,
             id: fresh_id(),
             gen: 0,
+            track: false,
         }
+    }
+
+    /// Turns change tracking on: every later change of a slot (insert, remove, `get_mut`) is
+    /// recorded, so that [`HandleTable::serialize_since`] can list the changes since a
+    /// [`HandleTable::version`]. Only tables that are pre-copied need it; the others skip the
+    /// write (their hot `get_mut`s, e.g. the QP table's on every doorbell, would otherwise move
+    /// the table's header line between cores while peers' threads look objects up).
+    pub fn tracked(mut self) -> Self {
+        self.track = true;
+        self
     }
 
     /// Records a change of slot `i` (0-based).
     fn touch(&mut self, i: usize) {
-        self.gen += 1;
-        self.slots[i].stamp = self.gen;
+        if self.track {
+            self.gen += 1;
+            self.slots[i].stamp = self.gen;
+        }
     }
 
     /// The table's current version: [`HandleTable::serialize_since`] lists the objects changed
-    /// after it.
+    /// after it. An untracked table has no versions: what it returns is a version of no table
+    /// ([`HandleTable::descends_from`] is false for it), so a delta is never built on it.
     pub fn version(&self) -> TableVersion {
         TableVersion {
-            id: self.id,
+            id: if self.track { self.id } else { 0 },
             gen: self.gen,
         }
     }
@@ -214,6 +231,7 @@ impl<T> HandleTable<T> {
             live,
             id: fresh_id(),
             gen: 0,
+            track: false,
         })
     }
 
@@ -279,6 +297,7 @@ impl<T> HandleTable<T> {
             live,
             id: fresh_id(),
             gen: 0,
+            track: false,
         })
     }
 
@@ -487,8 +506,20 @@ mod tests {
     /// now, whatever happened in between, including a slot reused until its key wrapped round
     /// to the same handle.
     #[test]
+    fn untracked_tables_have_no_versions() {
+        let mut t: HandleTable<u32> = HandleTable::new(4);
+        let h = t.insert(1).unwrap();
+        let v = t.version();
+        *t.get_mut(h).unwrap() = 2;
+        // No version of an untracked table is a base for a delta.
+        assert!(!t.descends_from(v));
+        let t = t.tracked();
+        assert!(t.descends_from(t.version()));
+    }
+
+    #[test]
     fn delta_since_a_version_rebuilds_the_table() {
-        let mut t = HandleTable::new(16);
+        let mut t = HandleTable::new(16).tracked();
         let hs: Vec<u32> = (0..6).map(|i| t.insert(i * 10).unwrap()).collect();
         t.remove(hs[5]);
         let base_snap = roundtrip(&t, None);

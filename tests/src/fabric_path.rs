@@ -139,7 +139,7 @@ impl Endpoint for BareEndpoint {
         let mut g = self.lock();
         let Inner { backend, ops } = &mut *g;
         backend.process(ops);
-        self.cq_len.store(ops.cq.len(), Ordering::Release);
+        self.publish_cq_len(ops.cq.len());
         backend.take_work()
     }
 
@@ -151,7 +151,7 @@ impl Endpoint for BareEndpoint {
         };
         let Inner { backend, ops } = &mut *g;
         f(backend, ops);
-        self.cq_len.store(ops.cq.len(), Ordering::Release);
+        self.publish_cq_len(ops.cq.len());
         Some(backend.take_work())
     }
 }
@@ -191,6 +191,14 @@ impl BareEndpoint {
         });
         fabric.attach(ep.port.clone()).map_err(|e| e.to_string())?;
         Ok(ep)
+    }
+
+    /// Publishes the number of queued completions, writing only when it changed: the count is
+    /// read on every poll and peers' threads run this endpoint's engine on the direct path.
+    fn publish_cq_len(&self, n: usize) {
+        if self.cq_len.load(Ordering::Relaxed) != n {
+            self.cq_len.store(n, Ordering::Release);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -308,7 +316,7 @@ impl BareEndpoint {
             if batched {
                 backend.pump_posted(ops, qpn);
             }
-            self.cq_len.store(ops.cq.len(), Ordering::Release);
+            self.publish_cq_len(ops.cq.len());
             backend.take_work()
         };
         self.port.fabric().run(work);

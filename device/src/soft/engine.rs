@@ -251,9 +251,12 @@ pub fn wc_opcode(op: u8) -> u8 {
 }
 
 /// QPs by table index (QPNs are dense, generation-checked handles): no hashing on the hot path.
+/// Each QP is boxed: whether a slot is occupied is then the box pointer in this table, not a
+/// niche inside the QP (in the requester's queue), which its owner writes on every post while a
+/// peer's thread looks the QP up on the direct path.
 #[derive(Default)]
 struct QpMap {
-    slots: Vec<Option<SoftQp>>,
+    slots: Vec<Option<Box<SoftQp>>>,
     len: usize,
 }
 
@@ -265,14 +268,14 @@ impl QpMap {
     fn get(&self, qpn: &u32) -> Option<&SoftQp> {
         self.slots
             .get(Self::slot(qpn))?
-            .as_ref()
+            .as_deref()
             .filter(|q| q.info.qpn == *qpn)
     }
 
     fn get_mut(&mut self, qpn: &u32) -> Option<&mut SoftQp> {
         self.slots
             .get_mut(Self::slot(qpn))?
-            .as_mut()
+            .as_deref_mut()
             .filter(|q| q.info.qpn == *qpn)
     }
 
@@ -281,7 +284,7 @@ impl QpMap {
         if self.slots.len() <= i {
             self.slots.resize_with(i + 1, || None);
         }
-        if self.slots[i].replace(qp).is_none() {
+        if self.slots[i].replace(Box::new(qp)).is_none() {
             self.len += 1;
         }
     }

@@ -7,14 +7,23 @@
 //! carry the same packets across processes and hosts.
 //!
 //! In-process, a packet's payload is a reference to the sender's guest memory; the receiver
-//! copies straight from it into its own guest memory (one copy, no bounce buffer).
+//! copies straight from it into its own guest memory (one copy, no bounce buffer). On the direct
+//! path the same copy happens in the sender's thread.
 //!
-//! Concurrency: a device handles packets only under its own lock, and never holds its lock while
-//! delivering to another device. Senders push packets into the destination port's inbox (in PSN
-//! order, under the sender's lock) and collect the destination in a [`Work`] list; after releasing
-//! their lock they run that list ([`SoftFabric::run`]), draining each destination in turn.
-//! One timer thread per fabric serves every device's retry and RNR timers; it sleeps when no
-//! timer is armed.
+//! Concurrency: a device handles packets only under its own lock, and never *waits* for another
+//! device's lock while holding its own. Senders push packets into the destination port's inbox
+//! (in PSN order, under the sender's lock) and collect the destination in a [`Work`] list; after
+//! releasing their lock they run that list ([`SoftFabric::run`]), draining each destination in
+//! turn. One timer thread per fabric serves every device's retry and RNR timers; it sleeps when
+//! no timer is armed.
+//!
+//! The direct path: when a QP has nothing in flight and its peer is in this process, the sender
+//! `try_lock`s the peer ([`Endpoint::with_engine`]) and runs the peer's responder on its requests
+//! at once, then completes the responses with its own completer — the same engine code, PSNs and
+//! order as with packets, minus the inboxes, the ACK packets, the ACK timer and the hand-over of
+//! both devices' state between two threads. A peer that is busy (its lock taken), stopped for
+//! migration or across a wire gets packets as before; `try_lock` never waits, so no lock order
+//! exists to violate. [`FabricStats::direct`] counts these requests.
 
 pub mod engine;
 pub mod packet;
