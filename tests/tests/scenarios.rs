@@ -3061,3 +3061,222 @@ fn sqd_retransmits_after_ack_timeouts() {
     assert_no_events(&a.d, QUIET);
     assert_no_events(&b.d, Duration::ZERO);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The direct path (in-process peers) and its fallback to packets
+// ---------------------------------------------------------------------------------------------
+
+/// One QP's operations go to the peer directly while the peer runs, as packets while it is
+/// stopped (held in its inbox until it resumes), and directly again afterwards; after an RNR NAK
+/// the QP retries when its RNR timer expires. Whichever way, operations execute and complete in
+/// order: a READ after a WRITE to the same bytes returns the written bytes, a FETCH_AND_ADD
+/// returns the value before it.
+#[test]
+fn direct_path_and_packets_keep_order() {
+    let fabric = SoftFabric::new();
+    let (va, vb) = (Vm::new(&fabric, 1), Vm::new(&fabric, 2));
+    let (mut a, mut b) = (node(&va, 64 << 10), node(&vb, 64 << 10));
+    a.buf.fill_pattern(90);
+    let ab = pattern(90, 64 << 10);
+    let mut qa = a.qp(|_| {});
+    let mut qb = b.qp(|_| {});
+    connect_with(
+        &a,
+        &qa,
+        &b,
+        &qb,
+        |p| p.rnr_retry = 7,
+        |p| p.min_rnr_timer = 1,
+    );
+    let s0 = fabric.stats();
+    // The peer runs: directly, no packet.
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::write(1, &[a.mr.sge(0, 1000)], b.mr.addr(0), b.mr.rkey),
+            SendWr::read(2, &[a.mr.sge(8192, 1000)], b.mr.addr(0), b.mr.rkey),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 2)),
+        [
+            (1, OK, abi::WC_OP_RDMA_WRITE),
+            (2, OK, abi::WC_OP_RDMA_READ)
+        ]
+    );
+    assert!(a.buf.read_vec(8192, 1000) == ab[..1000]);
+    let s1 = fabric.stats();
+    assert_eq!(
+        (s1.direct - s0.direct, s1.delivered),
+        (2, s0.delivered),
+        "{s1:?}"
+    );
+    // The peer is stopped: packets, held until it resumes.
+    vb.device.stop().unwrap();
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::write(3, &[a.mr.sge(4096, 512)], b.mr.addr(100), b.mr.rkey),
+            SendWr::read(4, &[a.mr.sge(12288, 612)], b.mr.addr(0), b.mr.rkey),
+            SendWr::fetch_add(5, &[a.mr.sge(16384, 8)], b.mr.addr(32768), b.mr.rkey, 5),
+        ],
+    )
+    .unwrap();
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    let s2 = fabric.stats();
+    assert_eq!(
+        (s2.direct, s2.delivered - s1.delivered),
+        (s1.direct, 3),
+        "{s2:?}"
+    );
+    vb.device.resume().unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 3)),
+        [
+            (3, OK, abi::WC_OP_RDMA_WRITE),
+            (4, OK, abi::WC_OP_RDMA_READ),
+            (5, OK, abi::WC_OP_FETCH_ADD)
+        ]
+    );
+    // The READ saw WRITE 1's first 100 bytes and WRITE 3's 512, in that order.
+    let mut want = ab[..100].to_vec();
+    want.extend_from_slice(&ab[4096..4608]);
+    assert!(a.buf.read_vec(12288, 612) == want);
+    // The fetch-and-add returned the word's value before it (zero: B's buffer was not filled).
+    assert_eq!((a.buf.read_u64(16384), b.buf.read_u64(32768)), (0, 5));
+    // A SEND with no receive posted: RNR NAKs until the receive is there; the WRITE and the
+    // FETCH_AND_ADD behind it wait and then follow in order.
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::send(6, &[a.mr.sge(2000, 100)]),
+            SendWr::write(7, &[a.mr.sge(6000, 64)], b.mr.addr(200), b.mr.rkey),
+            SendWr::fetch_add(8, &[a.mr.sge(16384, 8)], b.mr.addr(32768), b.mr.rkey, 1),
+        ],
+    )
+    .unwrap();
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    b.d.post_recv(&mut qb, &[RecvWr::new(30, &[b.mr.sge(40000, 256)])])
+        .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 3)),
+        [
+            (6, OK, abi::WC_OP_SEND),
+            (7, OK, abi::WC_OP_RDMA_WRITE),
+            (8, OK, abi::WC_OP_FETCH_ADD)
+        ]
+    );
+    let rc = poll_exact(&b.d, &mut b.cq, 1);
+    assert_eq!((rc[0].wr_id, rc[0].status, rc[0].byte_len), (30, OK, 100));
+    assert!(b.buf.read_vec(40000, 100) == ab[2000..2100]);
+    assert!(b.buf.read_vec(200, 64) == ab[6000..6064]);
+    assert_eq!((a.buf.read_u64(16384), b.buf.read_u64(32768)), (5, 6));
+    // Running and idle again: directly.
+    let s3 = fabric.stats();
+    a.d.post_send(
+        &mut qa,
+        &[SendWr::read(
+            9,
+            &[a.mr.sge(20000, 64)],
+            b.mr.addr(200),
+            b.mr.rkey,
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 1)),
+        [(9, OK, abi::WC_OP_RDMA_READ)]
+    );
+    assert!(a.buf.read_vec(20000, 64) == ab[6000..6064]);
+    let s4 = fabric.stats();
+    assert_eq!(
+        (s4.direct - s3.direct, s4.delivered),
+        (1, s3.delivered),
+        "{s4:?}"
+    );
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    assert_cq_empty(&b.d, &mut b.cq, Duration::ZERO);
+}
+
+/// Two threads post to each other at once, so each device's lock is often taken when the other
+/// tries the direct path: those operations go as packets. Each round WRITEs 1 KiB, READs the
+/// same bytes back and FETCH_AND_ADDs one counter on the peer; the READ must return what the
+/// WRITE wrote and the counter must count up by one, in order, whichever path each operation
+/// took.
+#[test]
+fn direct_path_under_contention_keeps_order() {
+    let (f, a, b) = two(256 << 10);
+    let (qa, qb) = rc_pair(&a, &b);
+    const ROUNDS: u64 = 3000;
+    // Each side stages its WRITEs at [96 KiB, 128 KiB) of its own buffer, targets [0, 32 KiB)
+    // and the counter at 200 000 of the peer's, and reads back into [64 KiB, 96 KiB).
+    fn run(me: &mut Node, qp: &mut Qp, peer_addr: u64, rkey: u32, seed: u8) {
+        for i in 0..ROUNDS {
+            let off = (i % 32) * 1024;
+            let tag = seed.wrapping_add(i as u8);
+            me.buf.write(98304 + off, &[tag; 1024]);
+            let result = 131072 + 8 * (i % 32);
+            me.d.post_send(
+                qp,
+                &[
+                    SendWr::write(
+                        3 * i,
+                        &[me.mr.sge(98304 + off, 1024)],
+                        peer_addr + off,
+                        rkey,
+                    ),
+                    SendWr::read(
+                        3 * i + 1,
+                        &[me.mr.sge(65536 + off, 1024)],
+                        peer_addr + off,
+                        rkey,
+                    ),
+                    SendWr::fetch_add(
+                        3 * i + 2,
+                        &[me.mr.sge(result, 8)],
+                        peer_addr + 200_000,
+                        rkey,
+                        1,
+                    ),
+                ],
+            )
+            .unwrap();
+            // No quiet wait per round: the final checks catch any extra completion.
+            let c = me.d.poll_cq_until(&mut me.cq, 3, LONG);
+            assert_eq!(
+                keys(&c),
+                [
+                    (3 * i, OK, abi::WC_OP_RDMA_WRITE),
+                    (3 * i + 1, OK, abi::WC_OP_RDMA_READ),
+                    (3 * i + 2, OK, abi::WC_OP_FETCH_ADD)
+                ]
+            );
+            assert!(
+                me.buf.read_vec(65536 + off, 1024) == [tag; 1024],
+                "round {i}"
+            );
+            assert_eq!(me.buf.read_u64(result), i, "round {i}");
+        }
+    }
+    let (b_addr, b_rkey) = (b.mr.addr(0), b.mr.rkey);
+    let (a_addr, a_rkey) = (a.mr.addr(0), a.mr.rkey);
+    let tb = thread::spawn(move || {
+        let (mut b, mut qb) = (b, qb);
+        run(&mut b, &mut qb, a_addr, a_rkey, 0x80);
+        b
+    });
+    let (mut a, mut qa) = (a, qa);
+    run(&mut a, &mut qa, b_addr, b_rkey, 0x10);
+    let b = tb.join().unwrap();
+    assert_eq!(
+        (a.buf.read_u64(200_000), b.buf.read_u64(200_000)),
+        (ROUNDS, ROUNDS)
+    );
+    let (mut a, mut b) = (a, b);
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    assert_cq_empty(&b.d, &mut b.cq, Duration::ZERO);
+    let s = f.stats();
+    assert!(s.direct > 0, "{s:?}");
+    println!("contention: {s:?}");
+}
