@@ -29,7 +29,7 @@ fn region_of(
     let end = gpa.checked_add(len)?;
     mem.iter().find_map(|r| {
         let start = r.start_addr().0;
-        (gpa >= start && end - start <= r.len()).then_some((r, (gpa - start) as usize))
+        (gpa >= start && end - start <= r.len()).then(|| (r, (gpa - start) as usize))
     })
 }
 

@@ -26,7 +26,7 @@ pub(crate) fn slice(
     let found = a.checked_add(len as u64).and_then(|end| {
         mem.iter().find_map(|r| {
             let start = r.start_addr().raw_value();
-            (a >= start && end - start <= r.len()).then_some((r, (a - start) as usize))
+            (a >= start && end - start <= r.len()).then(|| (r, (a - start) as usize))
         })
     });
     match found {
