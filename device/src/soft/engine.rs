@@ -578,22 +578,26 @@ impl SoftBackend {
         let Some(dest) = self.qps.get(&qpn).map(|q| q.info.dest_gid) else {
             return;
         };
-        let fabric = self.port.fabric().clone();
-        let Some(peer) = fabric.local_endpoint(&dest, &mut self.route_cache) else {
+        // Field by field (no clone of the fabric's `Arc`: its count is shared by every
+        // device's thread).
+        let Some(peer) = self
+            .port
+            .fabric()
+            .local_endpoint(&dest, &mut self.route_cache)
+        else {
             return;
         };
         let src = self.port.gid();
-        let mut replies: SmallVec<[Packet; 2]> = SmallVec::new();
         loop {
-            let mem = ops.memory();
-            let qps = &mut self.qps;
             let mut handed = 0;
+            let mut progress = false;
             let work = peer.with_engine(&mut |engine, peer_ops| {
-                let Some(qp) = qps.get_mut(&qpn) else {
+                let mut replies: SmallVec<[Packet; 2]> = SmallVec::new();
+                let Some(qp) = self.qps.get_mut(&qpn) else {
                     return;
                 };
                 let peer_qpn = qp.info.dest_qpn;
-                while let Some(pkt) = qp.next_request(mem, src) {
+                while let Some(pkt) = qp.next_request(ops.memory(), src) {
                     handed += 1;
                     engine.respond(peer_ops, pkt, true);
                     // A NAK or a READ/atomic response: complete it before sending more.
@@ -603,16 +607,18 @@ impl SoftBackend {
                 }
                 engine.take_replies(src, qpn, &mut replies);
                 replies.extend(engine.take_direct_ack(peer_qpn));
+                // Completed while the peer is still locked: a READ response is copied from the
+                // peer's memory as the responder found it, before its guest can change it.
+                progress = !replies.is_empty();
+                for pkt in replies.drain(..) {
+                    self.complete_response(ops, pkt);
+                }
             });
             let Some(work) = work else {
                 break;
             };
             self.port.count_direct(handed);
             self.work.extend(work);
-            let progress = !replies.is_empty();
-            for pkt in replies.drain(..) {
-                self.complete_response(ops, pkt);
-            }
             let more = self.qps.get(&qpn).is_some_and(|q| {
                 q.sent == 0
                     && !q.rnr_wait
