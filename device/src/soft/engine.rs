@@ -950,15 +950,15 @@ impl SoftBackend {
             return;
         };
         let first = qp.resp.ack_due.is_none();
+        // Supersedes any ACK still owed: this one acknowledges everything before it.
+        qp.resp.ack_due = Some(AckDue {
+            to: req.src,
+            from: req.dst,
+            dst_qpn: qp.info.dest_qpn,
+            psn,
+            msn,
+        });
         if direct {
-            // Superseding any ACK still owed: this one acknowledges everything before it.
-            qp.resp.ack_due = Some(AckDue {
-                to: req.src,
-                from: req.dst,
-                dst_qpn: qp.info.dest_qpn,
-                psn,
-                msn,
-            });
             return;
         }
         let held = qp.resp.acks_held;
@@ -968,13 +968,6 @@ impl SoftBackend {
             0
         };
         let lazy = qp.resp.acks_held > 0;
-        qp.resp.ack_due = Some(AckDue {
-            to: req.src,
-            from: req.dst,
-            dst_qpn: qp.info.dest_qpn,
-            psn,
-            msn,
-        });
         if lazy {
             if first {
                 self.held_acks.push(req.dst_qpn);
