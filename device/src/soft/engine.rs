@@ -26,6 +26,27 @@ use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv};
 use crate::mr::{self, Seg, SegList};
 use crate::qp::{ack_timeout_us, rnr_timer_us};
 
+thread_local! {
+    /// This thread is inside a direct call into a peer ([`SoftBackend::pump_direct`]).
+    static IN_DIRECT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as inside a direct call until dropped (also on unwinding).
+struct DirectScope;
+
+impl DirectScope {
+    fn enter() -> Self {
+        IN_DIRECT.set(true);
+        DirectScope
+    }
+}
+
+impl Drop for DirectScope {
+    fn drop(&mut self) {
+        IN_DIRECT.set(false);
+    }
+}
+
 /// Saved results of recent atomics per QP, for replaying duplicates.
 const ATOMIC_REPLAY: usize = 32;
 
@@ -575,6 +596,12 @@ impl SoftBackend {
     /// one sent as a packet. When the peer is busy (its lock is taken), stopped for migration
     /// or across a wire, nothing happens and the caller sends packets as usual.
     fn pump_direct(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
+        // Not from inside another device's direct call (the peer's entry may fetch its own
+        // stalled send queues): one level only, so a chain of devices cannot nest locks and
+        // stack frames without bound.
+        if IN_DIRECT.get() {
+            return;
+        }
         let Some(dest) = self.qps.get(&qpn).map(|q| q.info.dest_gid) else {
             return;
         };
@@ -591,6 +618,7 @@ impl SoftBackend {
         loop {
             let mut handed = 0;
             let mut progress = false;
+            let scope = DirectScope::enter();
             let work = peer.with_engine(&mut |engine, peer_ops| {
                 let mut replies: SmallVec<[Packet; 2]> = SmallVec::new();
                 let Some(qp) = self.qps.get_mut(&qpn) else {
@@ -614,6 +642,7 @@ impl SoftBackend {
                     self.complete_response(ops, pkt);
                 }
             });
+            drop(scope);
             let Some(work) = work else {
                 break;
             };
