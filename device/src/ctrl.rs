@@ -306,7 +306,10 @@ impl State {
         if self.core.db_gpa.is_some() {
             return Err(abi::STATUS_BAD_STATE);
         }
-        let size = abi::doorbell_area_size(self.core.cfg.max_qp, self.core.cfg.max_cq);
+        // The CQ-notify bitmap is part of the area only when VRDMA_F_CQ_NOTIFY was negotiated:
+        // without it the revision-1 minimum still holds (the device never writes past it).
+        let cfg = &self.core.cfg;
+        let size = abi::doorbell_area_min(cfg.max_qp, cfg.max_cq, self.core.features);
         if c.len < size {
             return Err(abi::STATUS_INVALID);
         }

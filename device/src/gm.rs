@@ -122,6 +122,19 @@ pub fn store<T: AtomicAccess>(mem: &GuestMemoryMmap, gpa: u64, v: T, order: Orde
     .is_some()
 }
 
+/// Atomic OR of `bits` into the naturally aligned u64 at `gpa` (sequentially consistent), logged
+/// in the dirty bitmap by hand (atomic references bypass vm-memory's log). Returns the old value,
+/// `None` if the word is not inside one region or not aligned.
+#[inline]
+pub fn fetch_or_u64(mem: &GuestMemoryMmap, gpa: u64, bits: u64) -> Option<u64> {
+    with_slice(mem, gpa, 8, |s| {
+        let cell = s.get_atomic_ref::<std::sync::atomic::AtomicU64>(0).ok()?;
+        let old = cell.fetch_or(bits, Ordering::SeqCst);
+        s.bitmap().mark_dirty(0, 8);
+        Some(old)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +158,11 @@ mod tests {
         let mut b = [0u8; 4];
         assert!(read_bytes(&mem, 0x1000, &mut b));
         assert_eq!(b, [9; 4]);
+        assert_eq!(fetch_or_u64(&mem, 0x1008, 1 << 3), Some(0));
+        assert_eq!(fetch_or_u64(&mem, 0x1008, 1), Some(1 << 3));
+        assert_eq!(load::<u64>(&mem, 0x1008, Ordering::Acquire), Some(9));
+        // Misaligned or straddling: refused.
+        assert_eq!(fetch_or_u64(&mem, 0x1004, 1), None);
+        assert_eq!(fetch_or_u64(&mem, 0xffc, 1), None);
     }
 }

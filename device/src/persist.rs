@@ -916,7 +916,9 @@ fn restore_core(
     core.mem = Some(mem_arc.clone());
     core.features = features;
     if let Some(gpa) = s.db_gpa {
-        let size = abi::doorbell_area_size(cfg.max_qp, cfg.max_cq);
+        // What registration required under these features (the CQ-notify bitmap only with
+        // VRDMA_F_CQ_NOTIFY).
+        let size = abi::doorbell_area_min(cfg.max_qp, cfg.max_cq, features);
         if !gpa.is_multiple_of(abi::VRDMA_PAGE_SIZE) || !mr::in_one_region(mem, gpa, size) {
             return Err(invalid("doorbell area outside guest memory"));
         }
@@ -1067,6 +1069,9 @@ fn restore_core(
         usec: s.moderation_usec,
         pending: s.moderation_pending,
         first_pending: None,
+        // A CQ notification pending under moderation is re-raised from guest memory
+        // (`State::kick_all`).
+        notify: false,
     };
     Ok(core)
 }

@@ -116,6 +116,9 @@ pub(crate) struct Moderation {
     /// Events delivered since the last interrupt.
     pub pending: u32,
     pub first_pending: Option<Instant>,
+    /// A CQ notification (`VRDMA_F_CQ_NOTIFY`) is among the pending events: the interrupt is
+    /// sent even if the event queue suppresses used-buffer notifications (ABI §12.3).
+    pub notify: bool,
 }
 
 /// Everything the core owns; the backend sees it through [`DeviceOps`].
@@ -140,6 +143,9 @@ pub(crate) struct Core {
     /// QPs that entered SQD and have not yet reported EV_SQ_DRAINED.
     pub draining: Vec<u32>,
     pub moderation: Moderation,
+    /// CQ notifications set in the CQ-notify bitmap since the last `flush_events`
+    /// (`VRDMA_F_CQ_NOTIFY`); each counts as one event for moderation.
+    pub cq_notified: u32,
 }
 
 pub(crate) struct State {
@@ -181,7 +187,37 @@ impl Core {
             pending_fail: Vec::new(),
             draining: Vec::new(),
             moderation: Moderation::default(),
+            cq_notified: 0,
         }
+    }
+
+    /// Reports that CQ `cqn` met its arm condition (ABI §9.5): with `VRDMA_F_CQ_NOTIFY`, sets
+    /// the CQ's bit in the CQ-notify bitmap, then its word's bit in `cq_notify_summary`, both
+    /// with an atomic OR (the CQE was stored before, so it is visible before the bit); the
+    /// interrupt follows from `flush_events`. Otherwise queues `EV_CQ_COMP`.
+    fn signal_cq(&mut self, cqn: u32) {
+        if self.features & abi::VRDMA_F_CQ_NOTIFY != 0 {
+            if let (Some(mem), Some(db)) = (self.mem.as_ref(), self.db_gpa) {
+                let index = abi::handle_index(cqn);
+                // Handles index a table of max_cq entries, so the word lies in the bitmap; the
+                // check keeps a broken invariant from writing past it.
+                if index <= self.cfg.max_cq {
+                    let word = (index / 64) as u64;
+                    let base =
+                        db + abi::db_cq_notify_bitmap_offset(self.cfg.max_qp, self.cfg.max_cq);
+                    // The area was validated at registration (one region, large enough).
+                    gm::fetch_or_u64(mem, base + word * 8, 1 << (index % 64));
+                    gm::fetch_or_u64(
+                        mem,
+                        db + abi::DB_CQ_NOTIFY_SUMMARY_OFFSET,
+                        abi::db_summary_bit(word),
+                    );
+                    self.cq_notified = self.cq_notified.saturating_add(1);
+                }
+                return;
+            }
+        }
+        self.push_event(abi::EV_CQ_COMP, cqn, 0);
     }
 
     pub fn push_event(&mut self, kind: u32, handle: u32, detail: u64) {
@@ -445,7 +481,7 @@ impl Core {
             (cq.armed & abi::CQ_ARM_NEXT != 0) || (cq.armed & abi::CQ_ARM_SOLICITED != 0 && sol);
         if fire {
             cq.armed = 0;
-            self.push_event(abi::EV_CQ_COMP, cqn, 0);
+            self.signal_cq(cqn);
         }
     }
 
@@ -480,7 +516,7 @@ impl Core {
         };
         if fire {
             cq.armed = 0;
-            self.push_event(abi::EV_CQ_COMP, cqn, 0);
+            self.signal_cq(cqn);
         } else {
             cq.armed = flags;
         }
@@ -958,9 +994,14 @@ impl State {
         };
         self.core.moderation.pending = 0;
         self.core.moderation.first_pending = None;
-        let needs = active.queues[abi::EVENTQ as usize]
-            .needs_notification(active.mem.as_ref())
-            .unwrap_or(true);
+        // A CQ notification interrupts regardless of VIRTQ_AVAIL_F_NO_INTERRUPT: that flag
+        // speaks for the event queue's used ring, and arming a CQ is the driver's request for
+        // an interrupt (ABI §12.3).
+        let forced = std::mem::take(&mut self.core.moderation.notify);
+        let needs = forced
+            || active.queues[abi::EVENTQ as usize]
+                .needs_notification(active.mem.as_ref())
+                .unwrap_or(true);
         if needs {
             let _ = active.irq.trigger(InterruptKind::Queue(abi::EVENTQ));
         }
@@ -968,12 +1009,17 @@ impl State {
 
     /// Delivers pending events into event-queue buffers and raises the interrupt (moderated).
     pub fn flush_events(&mut self) {
-        if self.core.events.is_empty() && self.core.events_dropped == 0 {
+        if self.core.events.is_empty()
+            && self.core.events_dropped == 0
+            && self.core.cq_notified == 0
+        {
             return;
         }
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        // CQ notifications are already in the bitmap; each counts as one event.
+        let notified = std::mem::take(&mut self.core.cq_notified);
         let mem = active.mem.clone();
         let q = &mut active.queues[abi::EVENTQ as usize];
         let mut delivered = 0u32;
@@ -1007,11 +1053,12 @@ impl State {
             }
             delivered += 1;
         }
-        if delivered == 0 {
+        if delivered == 0 && notified == 0 {
             return;
         }
         let m = &mut self.core.moderation;
-        m.pending += delivered;
+        m.notify |= notified > 0;
+        m.pending = m.pending.saturating_add(delivered).saturating_add(notified);
         if m.pending >= m.max_events.max(1) {
             self.raise_event_irq();
         } else if m.first_pending.is_none() {
@@ -1030,7 +1077,12 @@ impl State {
     pub fn kick_all(&mut self, restored: bool) {
         if restored {
             self.backend.restart_timers();
-            if self.core.moderation.pending > 0 {
+            // A CQ notification the driver has not taken yet migrated in guest memory; its
+            // interrupt may have been lost with the source (or held by moderation).
+            if self.cq_notify_pending() {
+                self.core.moderation.notify = true;
+            }
+            if self.core.moderation.pending > 0 || self.core.moderation.notify {
                 self.raise_event_irq();
             }
         }
@@ -1056,6 +1108,21 @@ impl State {
             self.core.process_arm(index);
         }
         self.process_inbound();
+    }
+
+    /// Whether `cq_notify_summary` is non-zero (`VRDMA_F_CQ_NOTIFY` negotiated and a
+    /// notification not yet taken by the driver).
+    fn cq_notify_pending(&self) -> bool {
+        let (Some(mem), Some(db)) = (self.core.mem.as_ref(), self.core.db_gpa) else {
+            return false;
+        };
+        self.core.features & abi::VRDMA_F_CQ_NOTIFY != 0
+            && gm::load::<u64>(
+                mem,
+                db + abi::DB_CQ_NOTIFY_SUMMARY_OFFSET,
+                Ordering::Acquire,
+            )
+            .is_some_and(|v| v != 0)
     }
 
     /// Device reset: flush every outstanding WR, then forget everything.

@@ -506,6 +506,12 @@ impl Driver {
         self.db.cq_bitmap
     }
 
+    /// Byte offset of the CQ-notify bitmap in the doorbell area (device-written, used only with
+    /// `VRDMA_F_CQ_NOTIFY`).
+    pub fn cq_notify_bitmap_offset(&self) -> u64 {
+        self.db.cq_notify_bitmap
+    }
+
     /// `DoorbellHeader::device_flags`.
     pub fn device_flags(&self) -> Result<u32> {
         Ok(crate::gmem::load(

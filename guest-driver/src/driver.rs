@@ -2,11 +2,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::mem::size_of;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Address, ByteValued, GuestAddress};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, ByteValued, GuestAddress, VolatileMemory};
 use vrdma_abi as abi;
 use vrdma_abi::{AhAttr, Event, Gid, PortAttr, QpAttr, VrdmaConfig};
 
@@ -21,7 +22,8 @@ use crate::GuestMemoryMmap;
 pub const DRIVER_FEATURES: u64 = abi::VRDMA_F_UD
     | abi::VRDMA_F_ATOMICS
     | abi::VRDMA_F_DB_SUPPRESSION
-    | abi::VRDMA_F_INTR_MODERATION;
+    | abi::VRDMA_F_INTR_MODERATION
+    | abi::VRDMA_F_CQ_NOTIFY;
 
 /// Spins on the control queue's used ring before falling back to interrupts.
 const CTRL_SPINS: u32 = 2000;
@@ -68,6 +70,10 @@ pub(crate) struct Doorbell {
     pub(crate) len: u64,
     /// Byte offset of the CQ-arm bitmap.
     pub(crate) cq_bitmap: u64,
+    /// Byte offset of the CQ-notify bitmap (`VRDMA_F_CQ_NOTIFY`).
+    pub(crate) cq_notify_bitmap: u64,
+    /// Words in each CQ bitmap.
+    pub(crate) cq_words: u64,
 }
 
 /// Driver state of the event queue.
@@ -104,6 +110,10 @@ pub struct Driver {
     evq: Mutex<EventQueue>,
     /// Live QPs by QPN, so that completions and events can update the driver's view of them.
     qps: Mutex<HashMap<u32, Arc<QpShared>>>,
+    /// Live CQ handles by handle index (0 = none), so that a CQ-notify bit (an index) can be
+    /// reported as `EV_CQ_COMP` with the full handle. Learnt from every successful
+    /// CREATE_CQ/DESTROY_CQ sent through [`Driver::ctrl`].
+    cq_handles: Box<[AtomicU32]>,
     pub(crate) db: Doorbell,
     pub(crate) stats: crate::datapath::Stats,
 }
@@ -200,10 +210,17 @@ impl Driver {
                 pending: VecDeque::new(),
             }),
             qps: Mutex::new(HashMap::new()),
+            // Handle indices are 1..=max_cq (at most 65535 by the ABI; a larger claim is capped
+            // and the indices above the cap are never reported).
+            cq_handles: (0..=config.max_cq.min(u16::MAX as u32))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             db: Doorbell {
                 gpa: db_gpa,
                 len: db_len,
                 cq_bitmap: abi::db_cq_bitmap_offset(config.max_qp),
+                cq_notify_bitmap: abi::db_cq_notify_bitmap_offset(config.max_qp, config.max_cq),
+                cq_words: abi::bitmap_bytes(config.max_cq) / 8,
             },
             stats: Default::default(),
         };
@@ -272,6 +289,7 @@ impl Driver {
     pub fn reset_device(&self) -> Result<()> {
         self.active.store(false, Ordering::Release);
         lock(&self.qps).clear();
+        self.forget_cqs();
         reset(&*self.transport)
     }
 
@@ -446,7 +464,62 @@ impl Driver {
             return Err(Error::Protocol("control response shorter than CtrlResp"));
         }
         let status = u32::from_le_bytes([written[0], written[1], written[2], written[3]]);
-        Ok((status, written[resp_hdr..].to_vec()))
+        let resp = &written[resp_hdr..];
+        if status == abi::STATUS_OK {
+            let handle = |b: &[u8]| {
+                b.get(..4)
+                    .map(|h| u32::from_le_bytes(h.try_into().unwrap()))
+            };
+            match cmd {
+                abi::CMD_CREATE_CQ => {
+                    if let Some(h) = handle(resp) {
+                        self.learn_cq(h);
+                    }
+                }
+                abi::CMD_DESTROY_CQ => {
+                    if let Some(h) = handle(req) {
+                        self.forget_cq(h);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok((status, resp.to_vec()))
+    }
+
+    /// Records a live CQ handle for CQ-notify reporting.
+    fn learn_cq(&self, cqn: u32) {
+        if let Some(slot) = self.cq_handles.get(abi::handle_index(cqn) as usize) {
+            slot.store(cqn, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets a destroyed CQ, and clears its CQ-notify bit: the device no longer sets it, and
+    /// a stale bit must not be reported for the next CQ with the same index.
+    fn forget_cq(&self, cqn: u32) {
+        let index = abi::handle_index(cqn);
+        if let Some(slot) = self.cq_handles.get(index as usize) {
+            let _ = slot.compare_exchange(cqn, 0, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        if self.features() & abi::VRDMA_F_CQ_NOTIFY != 0 && (index as u64 / 64) < self.db.cq_words {
+            let at = self
+                .db
+                .gpa
+                .unchecked_add(self.db.cq_notify_bitmap + index as u64 / 64 * 8);
+            if let Ok(s) = crate::gmem::slice(&self.mem, at, 8) {
+                if let Ok(w) = s.get_atomic_ref::<AtomicU64>(0) {
+                    w.fetch_and(!(1u64 << (index % 64)), Ordering::AcqRel);
+                    s.bitmap().mark_dirty(0, 8);
+                }
+            }
+        }
+    }
+
+    /// Forgets every CQ (device reset).
+    fn forget_cqs(&self) {
+        for slot in self.cq_handles.iter() {
+            slot.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The rawest control interface: each slice of `readable` is copied to guest memory and
@@ -1055,6 +1128,7 @@ impl Driver {
         if !self.is_active() {
             return;
         }
+        self.harvest_cq_notify(ev);
         let mut reposted = false;
         loop {
             let (head, len) = match ev.q.pop_used(&self.mem) {
@@ -1084,6 +1158,56 @@ impl Driver {
         }
         if reposted {
             self.notify_queue(abi::EVENTQ);
+        }
+    }
+}
+
+impl Driver {
+    /// With `VRDMA_F_CQ_NOTIFY`: takes the CQ-notify bitmap (ABI §8.1, §9.5) — exchange
+    /// `cq_notify_summary` with 0, then every word it flags with 0 — and queues one
+    /// `EV_CQ_COMP` per set bit of a live CQ. Called after the interrupt was acknowledged, so a
+    /// bit the device sets after our exchange comes with an interrupt still to be seen.
+    fn harvest_cq_notify(&self, ev: &mut EventQueue) {
+        if self.features() & abi::VRDMA_F_CQ_NOTIFY == 0 {
+            return;
+        }
+        let swap = |off: u64| -> u64 {
+            let Ok(s) = crate::gmem::slice(&self.mem, self.db.gpa.unchecked_add(off), 8) else {
+                return 0;
+            };
+            let Ok(cell) = s.get_atomic_ref::<AtomicU64>(0) else {
+                return 0;
+            };
+            if cell.load(Ordering::Relaxed) == 0 {
+                return 0;
+            }
+            let v = cell.swap(0, Ordering::AcqRel);
+            s.bitmap().mark_dirty(0, 8);
+            v
+        };
+        let mut flagged = swap(abi::DB_CQ_NOTIFY_SUMMARY_OFFSET);
+        while flagged != 0 {
+            let mut w = flagged.trailing_zeros() as u64;
+            flagged &= flagged - 1;
+            while w < self.db.cq_words {
+                let mut bits = swap(self.db.cq_notify_bitmap + w * 8);
+                while bits != 0 {
+                    let index = w * 64 + bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let cqn = self
+                        .cq_handles
+                        .get(index as usize)
+                        .map_or(0, |h| h.load(Ordering::Relaxed));
+                    if cqn != 0 {
+                        ev.pending.push_back(Event {
+                            kind: abi::EV_CQ_COMP,
+                            handle: cqn,
+                            detail: 0,
+                        });
+                    }
+                }
+                w += 64;
+            }
         }
     }
 }

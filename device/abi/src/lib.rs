@@ -38,6 +38,9 @@ pub const VRDMA_F_ATOMICS: u64 = 1 << 1;
 pub const VRDMA_F_DB_SUPPRESSION: u64 = 1 << 2;
 /// Interrupt moderation ([`CMD_SET_INTR_MODERATION`]).
 pub const VRDMA_F_INTR_MODERATION: u64 = 1 << 3;
+/// CQ notifications go into the CQ-notify bitmap of the doorbell area (plus an interrupt)
+/// instead of `EV_CQ_COMP` events on the event queue.
+pub const VRDMA_F_CQ_NOTIFY: u64 = 1 << 4;
 /// Virtio 1.0 or later (standard feature bit 32).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -609,8 +612,11 @@ pub struct DoorbellHeader {
     pub sq_summary: u64,
     /// CQ-arm summary: bit `w % 64` set = CQ-arm bitmap word `w` may have bits set.
     pub cq_summary: u64,
+    /// CQ-notify summary (device-written, with [`VRDMA_F_CQ_NOTIFY`]): bit `w % 64` set =
+    /// CQ-notify bitmap word `w` may have bits set.
+    pub cq_notify_summary: u64,
     /// Reserved.
-    pub reserved: [u64; 5],
+    pub reserved: [u64; 4],
 }
 
 /// The device is polling the doorbell bitmaps: the driver need not notify.
@@ -619,6 +625,8 @@ pub const DB_DEVICE_POLLING: u32 = 1;
 pub const DB_SQ_SUMMARY_OFFSET: u64 = 8;
 /// Byte offset of [`DoorbellHeader::cq_summary`].
 pub const DB_CQ_SUMMARY_OFFSET: u64 = 16;
+/// Byte offset of [`DoorbellHeader::cq_notify_summary`].
+pub const DB_CQ_NOTIFY_SUMMARY_OFFSET: u64 = 24;
 
 /// The summary word and bit that cover bitmap word `word`.
 pub const fn db_summary_bit(word: u64) -> u64 {
@@ -633,14 +641,31 @@ pub const fn db_cq_bitmap_offset(max_qp: u32) -> u64 {
     DB_SQ_BITMAP_OFFSET + bitmap_bytes(max_qp)
 }
 
+/// Byte offset of the CQ-notify bitmap (device-written, with [`VRDMA_F_CQ_NOTIFY`]) in the
+/// doorbell area: right after the CQ-arm bitmap.
+pub const fn db_cq_notify_bitmap_offset(max_qp: u32, max_cq: u32) -> u64 {
+    db_cq_bitmap_offset(max_qp) + bitmap_bytes(max_cq)
+}
+
 /// Bytes of a bitmap with one bit per table index `0..=max` (u64 words).
 pub const fn bitmap_bytes(max: u32) -> u64 {
     (max as u64 + 1).div_ceil(64) * 8
 }
 
-/// Doorbell area size for the given table sizes, rounded up to whole pages.
+/// Doorbell area size for the given table sizes, rounded up to whole pages: room for every
+/// bitmap of every feature (the value of [`VrdmaConfig::doorbell_area_size`]).
 pub const fn doorbell_area_size(max_qp: u32, max_cq: u32) -> u64 {
-    let raw = db_cq_bitmap_offset(max_qp) + bitmap_bytes(max_cq);
+    doorbell_area_min(max_qp, max_cq, VRDMA_F_CQ_NOTIFY)
+}
+
+/// The smallest doorbell area [`CMD_SET_DOORBELL_AREA`] accepts under the negotiated
+/// `features`, rounded up to whole pages: the CQ-notify bitmap counts only with
+/// [`VRDMA_F_CQ_NOTIFY`], so a driver without it may size the area as revision 1 did.
+pub const fn doorbell_area_min(max_qp: u32, max_cq: u32, features: u64) -> u64 {
+    let mut raw = db_cq_bitmap_offset(max_qp) + bitmap_bytes(max_cq);
+    if features & VRDMA_F_CQ_NOTIFY != 0 {
+        raw += bitmap_bytes(max_cq);
+    }
     raw.div_ceil(VRDMA_PAGE_SIZE) * VRDMA_PAGE_SIZE
 }
 
@@ -986,6 +1011,10 @@ mod tests {
             DB_CQ_SUMMARY_OFFSET
         );
         assert_eq!(
+            std::mem::offset_of!(DoorbellHeader, cq_notify_summary) as u64,
+            DB_CQ_NOTIFY_SUMMARY_OFFSET
+        );
+        assert_eq!(
             std::mem::offset_of!(RingHeader, cons) as u64,
             RING_CONS_OFFSET
         );
@@ -1023,5 +1052,10 @@ mod tests {
         assert_eq!(mtu_bytes(MTU_4096), 4096);
         assert_eq!(mtu_bytes(9), 0);
         assert_eq!(doorbell_area_size(16383, 16383), 8192);
+        assert_eq!(db_cq_notify_bitmap_offset(16383, 16383), 64 + 2048 + 2048);
+        // 64 + 2 × 8 + 2 × 4096 bytes: only the notify bitmap spills into a third page.
+        assert_eq!(doorbell_area_min(127, 32767, 0), 8192);
+        assert_eq!(doorbell_area_min(127, 32767, VRDMA_F_CQ_NOTIFY), 12288);
+        assert_eq!(doorbell_area_size(127, 32767), 12288);
     }
 }
