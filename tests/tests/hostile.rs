@@ -3653,3 +3653,28 @@ fn features_not_negotiated_are_refused() {
     assert_eq!(b.buf.read_vec(0, 4096), buf.read_vec(0, 4096));
     ck.finish();
 }
+
+/// With `VRDMA_F_CQ_NOTIFY` negotiated the doorbell area must also hold the CQ-notify bitmap
+/// the device writes into: an area of the revision-1 size is refused when that is smaller, so
+/// the device never ORs a bit past the end of what the driver registered.
+#[test]
+fn doorbell_area_must_hold_the_cq_notify_bitmap() {
+    let fabric = SoftFabric::new();
+    let cfg = DeviceConfig {
+        max_qp: 127,
+        max_cq: 32767,
+        ..DeviceConfig::with_gid(DeviceConfig::gid_for_id(1))
+    };
+    let vm = Vm::with_config(&fabric, cfg);
+    let mut raw = RawDev::new(&vm);
+    raw.driver_ok();
+    let old = abi::doorbell_area_min(127, 32767, 0);
+    let new = abi::doorbell_area_min(127, 32767, abi::VRDMA_F_CQ_NOTIFY);
+    assert!(old < new, "this configuration must tell the two apart");
+    let set = |raw: &mut RawDev, len: u64| {
+        let c = abi::CmdSetDoorbellArea { gpa: RAW_DB, len };
+        raw.ctrl(abi::CMD_SET_DOORBELL_AREA, c.as_slice(), &[], 0).0
+    };
+    assert_eq!(set(&mut raw, old), abi::STATUS_INVALID);
+    assert_eq!(set(&mut raw, new), abi::STATUS_OK);
+}
