@@ -13,22 +13,11 @@ use vm_memory::{Bytes, GuestAddress};
 use vrdma_abi as abi;
 use vrdma_abi::Event;
 use vrdma_device::soft::SoftFabric;
-use vrdma_guest::{
-    Buffer, Cq, Driver, DriverOptions, GuestAlloc, Layout, Mr, Pd, Qp, QpInitAttr, RecvWr, SendWr,
-    DRIVER_FEATURES,
-};
-use vrdma_tests::{Vm, ALLOC_BASE};
+use vrdma_guest::{Cq, DriverOptions, Qp, QpInitAttr, RecvWr, SendWr, DRIVER_FEATURES};
+use vrdma_tests::Vm;
 
 /// Guest RAM of the guests here (small: the migration test copies all of it).
 const RAM: u64 = 32 << 20;
-
-struct Guest {
-    d: Driver,
-    pd: Pd,
-    buf: Buffer,
-    mr: Mr,
-    cq: Cq,
-}
 
 fn guest(vm: &Vm, notify: bool) -> Guest {
     let features = if notify {
@@ -36,22 +25,13 @@ fn guest(vm: &Vm, notify: bool) -> Guest {
     } else {
         DRIVER_FEATURES & !abi::VRDMA_F_CQ_NOTIFY
     };
-    let d = Driver::probe_with(
-        vm.port(),
-        vm.mem.clone(),
-        GuestAlloc::new(GuestAddress(ALLOC_BASE), RAM - ALLOC_BASE),
-        DriverOptions {
-            features,
-            ..Default::default()
-        },
-    )
-    .expect("driver probe");
-    assert_eq!(d.features() & abi::VRDMA_F_CQ_NOTIFY != 0, notify);
-    let pd = d.alloc_pd().unwrap();
-    let buf = d.alloc_buffer(64 << 10, Layout::Discontiguous).unwrap();
-    let mr = d.reg_mr(pd, &buf, abi::ACCESS_ALL).unwrap();
-    let cq = d.create_cq(256).unwrap();
-    Guest { d, pd, buf, mr, cq }
+    let options = DriverOptions {
+        features,
+        ..Default::default()
+    };
+    let g = guest_with(vm, RAM, 64 << 10, 256, options);
+    assert_eq!(g.d.features() & abi::VRDMA_F_CQ_NOTIFY != 0, notify);
+    g
 }
 
 fn two(notify: bool) -> (Arc<SoftFabric>, Vm, Vm, Guest, Guest) {

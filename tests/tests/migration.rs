@@ -24,8 +24,7 @@ use vrdma_device::{DeviceConfig, GuestMemoryMmap, MigrationError, MigrationState
 use vrdma_glue::mmio::{TransportMigrationError, STATE_HEADER_LEN};
 use vrdma_glue::MmioTransport;
 use vrdma_guest::{
-    pattern, pattern_byte, Buffer, Cq, Driver, GuestAlloc, Layout, Mr, Pd, Qp, QpInitAttr,
-    RcParams, RecvWr, SendWr,
+    pattern, pattern_byte, Driver, Layout, Mr, Qp, QpInitAttr, RcParams, RecvWr, SendWr,
 };
 use vrdma_tests::{
     differing_pages, memory_like, MigrateOptions, MigrateTimes, MmioPort, Vm, ALLOC_BASE,
@@ -39,28 +38,14 @@ const RAM: u64 = 16 << 20;
 // Fixture
 // ---------------------------------------------------------------------------------------------
 
-/// One guest's verbs objects: what its kernel would hold in guest memory. Whoever owns it plays
-/// the guest's vCPU.
-struct Guest {
-    d: Driver,
-    pd: Pd,
-    buf: Buffer,
-    mr: Mr,
-    cq: Cq,
-}
-
 fn guest(vm: &Vm, buf_len: u64) -> Guest {
-    let d = Driver::probe(
-        vm.port(),
-        vm.mem.clone(),
-        GuestAlloc::new(GuestAddress(ALLOC_BASE), RAM - ALLOC_BASE),
+    guest_with(
+        vm,
+        RAM,
+        buf_len,
+        1024,
+        vrdma_guest::DriverOptions::default(),
     )
-    .expect("driver probe");
-    let pd = d.alloc_pd().unwrap();
-    let buf = d.alloc_buffer(buf_len, Layout::Discontiguous).unwrap();
-    let mr = d.reg_mr(pd, &buf, abi::ACCESS_ALL).unwrap();
-    let cq = d.create_cq(1024).unwrap();
-    Guest { d, pd, buf, mr, cq }
 }
 
 impl Guest {

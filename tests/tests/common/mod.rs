@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestAddress;
-use vrdma_guest::{Cq, Cqe, Driver, Event, GuestAlloc};
+use vrdma_abi as abi;
+use vrdma_guest::{Buffer, Cq, Cqe, Driver, DriverOptions, Event, GuestAlloc, Layout, Mr, Pd};
 use vrdma_tests::{Vm, ALLOC_BASE};
 
 /// Upper bound for anything that is expected to happen.
@@ -21,6 +22,33 @@ pub fn driver(vm: &Vm) -> Driver {
         GuestAlloc::new(GuestAddress(ALLOC_BASE), 200 << 20),
     )
     .expect("driver probe")
+}
+
+/// One guest's verbs objects: what its kernel would hold in guest memory. Whoever owns it plays
+/// the guest's vCPU.
+pub struct Guest {
+    pub d: Driver,
+    pub pd: Pd,
+    pub buf: Buffer,
+    pub mr: Mr,
+    pub cq: Cq,
+}
+
+/// A guest on `vm`: the driver probed with `opts` and allocating from `[ALLOC_BASE, ram)`, a
+/// PD, a `buf_len` buffer with an all-access MR, and a CQ of `cq_depth`.
+pub fn guest_with(vm: &Vm, ram: u64, buf_len: u64, cq_depth: u32, opts: DriverOptions) -> Guest {
+    let d = Driver::probe_with(
+        vm.port(),
+        vm.mem.clone(),
+        GuestAlloc::new(GuestAddress(ALLOC_BASE), ram - ALLOC_BASE),
+        opts,
+    )
+    .expect("driver probe");
+    let pd = d.alloc_pd().unwrap();
+    let buf = d.alloc_buffer(buf_len, Layout::Discontiguous).unwrap();
+    let mr = d.reg_mr(pd, &buf, abi::ACCESS_ALL).unwrap();
+    let cq = d.create_cq(cq_depth).unwrap();
+    Guest { d, pd, buf, mr, cq }
 }
 
 /// Polls exactly `n` CQEs (waiting up to [`LONG`]), then checks that no further CQE arrives
