@@ -534,30 +534,22 @@ pub fn multi_pair(qps: u32, size: u64, sq_depth: u32) -> Result<MultiPair, Strin
 /// `write-bw`: one sender thread posts `size`-byte RDMA WRITEs round-robin over `qps` QPs,
 /// `batch` WQEs per doorbell (the last one signaled), for `msgs` messages in total.
 pub fn write_bw_device(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwStats, String> {
-    let batch = batch.max(1);
-    // Two batches in flight per QP keep the pipe full without overrunning the SQ.
-    let sq_depth = (2 * batch).next_power_of_two().max(16);
-    let mut p = multi_pair(qps, size, sq_depth)?;
+    let mut p = multi_pair(qps, size, BwRun::sq_depth(batch))?;
     let slot = size.max(64);
     let a = &mut p.a;
     let (raddr, rkey) = (p.b.mr.iova, p.b.mr.rkey);
-    let mut inflight = vec![0u32; qps as usize];
     let mut cqes = vec![Cqe::default(); 4096];
-    let mut posted = 0u64;
-    let mut done = 0u64;
-    let mut first_completion = None;
     let sge_len = size as u32;
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(120);
     let mut q = 0usize;
-    let mut wrs: Vec<SendWr> = Vec::with_capacity(batch as usize);
+    let mut wrs: Vec<SendWr> = Vec::with_capacity(batch.max(1) as usize);
     let sges: Vec<[vrdma_abi::Sge; 1]> = (0..qps as u64)
         .map(|i| [a.mr.sge(i * slot, sge_len)])
         .collect();
-    while done < msgs {
+    // The clock starts here, after the set-up.
+    let mut run = BwRun::new(qps, batch, msgs);
+    while !run.finished() {
         // Post one batch on the next QP with room.
-        if posted < msgs && inflight[q] + batch <= sq_depth {
-            let n = batch.min((msgs - posted) as u32);
+        if let Some(n) = run.next_batch(q) {
             wrs.clear();
             for k in 0..n {
                 let wr = SendWr::write(q as u64, &sges[q], raddr + q as u64 * slot, rkey);
@@ -565,38 +557,106 @@ pub fn write_bw_device(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwS
             }
             a.d.post_send(&mut a.qps[q], &wrs)
                 .map_err(|e| e.to_string())?;
-            inflight[q] += n;
-            posted += n as u64;
         }
         q = (q + 1) % qps as usize;
         // Reap completions: each signaled CQE retires its whole batch.
         let n = a.d.poll_cq(&mut a.cq, &mut cqes);
         for c in &cqes[..n] {
-            if c.status != WC_SUCCESS {
-                return Err(format!("completion status {}", c.status));
-            }
-            let qi = c.wr_id as usize;
-            let retired = batch.min(inflight[qi]);
-            inflight[qi] -= retired;
-            done += retired as u64;
-            first_completion.get_or_insert_with(|| start.elapsed());
+            run.retire(c.wr_id, c.status)?;
         }
-        if Instant::now() > deadline {
-            return Err("write-bw timed out".into());
+        run.check_deadline("write-bw")?;
+    }
+    Ok(run.stats("device", size, qps))
+}
+
+/// The bookkeeping of a `write-bw` loop, shared by its paths: `qps` QP pairs round robin,
+/// `batch` WRs per post with the last one signaled, at most two batches in flight per QP.
+struct BwRun {
+    batch: u32,
+    sq_depth: u32,
+    msgs: u64,
+    inflight: Vec<u32>,
+    posted: u64,
+    done: u64,
+    start: Instant,
+    deadline: Instant,
+    first_completion: Option<Duration>,
+}
+
+impl BwRun {
+    /// The SQ depth for `batch`: two batches in flight per QP keep the pipe full without
+    /// overrunning the SQ.
+    fn sq_depth(batch: u32) -> u32 {
+        (2 * batch.max(1)).next_power_of_two().max(16)
+    }
+
+    /// Starts the clock.
+    fn new(qps: u32, batch: u32, msgs: u64) -> Self {
+        let batch = batch.max(1);
+        let start = Instant::now();
+        Self {
+            batch,
+            sq_depth: Self::sq_depth(batch),
+            msgs,
+            inflight: vec![0; qps.max(1) as usize],
+            posted: 0,
+            done: 0,
+            start,
+            deadline: start + Duration::from_secs(120),
+            first_completion: None,
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    Ok(BwStats {
-        test: "write_bw",
-        path: "device",
-        bytes: size,
-        qps,
-        batch,
-        msgs: done,
-        msg_rate_mpps: done as f64 / secs / 1e6,
-        bw_gbps: done as f64 * size as f64 * 8.0 / secs / 1e9,
-        first_completion_us: first_completion.map_or(0.0, |d| d.as_secs_f64() * 1e6),
-    })
+
+    fn finished(&self) -> bool {
+        self.done >= self.msgs
+    }
+
+    /// If QP `q` has room for a batch and messages remain: their number, counted as posted.
+    fn next_batch(&mut self, q: usize) -> Option<u32> {
+        if self.posted >= self.msgs || self.inflight[q] + self.batch > self.sq_depth {
+            return None;
+        }
+        let n = self.batch.min((self.msgs - self.posted) as u32);
+        self.inflight[q] += n;
+        self.posted += n as u64;
+        Some(n)
+    }
+
+    /// A signaled completion (`wr_id` = its QP's index) retires its whole batch.
+    fn retire(&mut self, wr_id: u64, status: u8) -> Result<(), String> {
+        if status != WC_SUCCESS {
+            return Err(format!("completion status {status}"));
+        }
+        let qi = wr_id as usize;
+        let retired = self.batch.min(self.inflight[qi]);
+        self.inflight[qi] -= retired;
+        self.done += retired as u64;
+        let start = self.start;
+        self.first_completion.get_or_insert_with(|| start.elapsed());
+        Ok(())
+    }
+
+    fn check_deadline(&self, what: &str) -> Result<(), String> {
+        if Instant::now() > self.deadline {
+            return Err(format!("{what} timed out"));
+        }
+        Ok(())
+    }
+
+    fn stats(&self, path: &'static str, size: u64, qps: u32) -> BwStats {
+        let secs = self.start.elapsed().as_secs_f64();
+        BwStats {
+            test: "write_bw",
+            path,
+            bytes: size,
+            qps,
+            batch: self.batch,
+            msgs: self.done,
+            msg_rate_mpps: self.done as f64 / secs / 1e6,
+            bw_gbps: self.done as f64 * size as f64 * 8.0 / secs / 1e9,
+            first_completion_us: self.first_completion.map_or(0.0, |d| d.as_secs_f64() * 1e6),
+        }
+    }
 }
 
 /// Waits for one receive completion on `s.rcq` through the armed CQ's interrupt (no busy
@@ -817,61 +877,33 @@ pub fn write_lat_fabric(size: u64, iters: usize, inline: bool) -> Result<Vec<u64
 /// (one thread, `qps` QP pairs round robin, `batch` WRs handed to the engine under one lock
 /// acquisition, the last one signaled), with two [`BareEndpoint`]s.
 pub fn write_bw_fabric(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwStats, String> {
-    let batch = batch.max(1);
     let qps = qps.max(1);
-    let sq_depth = (2 * batch).next_power_of_two().max(16);
     let slot = size.max(64);
     let (_fabric, a, b, qa, _qb) = bare_pair(qps, slot * qps as u64)?;
-    let mut inflight = vec![0u32; qps as usize];
     let mut cqes = Vec::with_capacity(4096);
-    let mut posted = 0u64;
-    let mut done = 0u64;
-    let mut first_completion = None;
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(120);
     let mut q = 0usize;
-    while done < msgs {
-        if posted < msgs && inflight[q] + batch <= sq_depth {
-            let n = batch.min((msgs - posted) as u32);
+    // The clock starts here, after the set-up.
+    let mut run = BwRun::new(qps, batch, msgs);
+    while !run.finished() {
+        if let Some(n) = run.next_batch(q) {
             let off = q as u64 * slot;
             a.post_send(
                 qa[q],
                 (0..n).map(|k| write_wr(q as u64, off, size, off, k + 1 == n, None)),
             );
-            inflight[q] += n;
-            posted += n as u64;
         }
         q = (q + 1) % qps as usize;
         a.poll(&mut cqes);
         for (_, c) in &cqes {
-            if c.status != WC_SUCCESS {
-                return Err(format!("completion status {}", c.status));
-            }
-            let qi = c.wr_id as usize;
-            let retired = batch.min(inflight[qi]);
-            inflight[qi] -= retired;
-            done += retired as u64;
-            first_completion.get_or_insert_with(|| start.elapsed());
+            run.retire(c.wr_id, c.status)?;
         }
-        if Instant::now() > deadline {
-            return Err("write-bw (fabric) timed out".into());
-        }
+        run.check_deadline("write-bw (fabric)")?;
     }
-    let secs = start.elapsed().as_secs_f64();
+    let stats = run.stats("fabric", size, qps);
     if let Some((qpn, v)) = a.failures().first().or(b.failures().first()) {
         return Err(format!("QP {qpn:#x} failed (vendor error {v})"));
     }
-    Ok(BwStats {
-        test: "write_bw",
-        path: "fabric",
-        bytes: size,
-        qps,
-        batch,
-        msgs: done,
-        msg_rate_mpps: done as f64 / secs / 1e6,
-        bw_gbps: done as f64 * size as f64 * 8.0 / secs / 1e9,
-        first_completion_us: first_completion.map_or(0.0, |d| d.as_secs_f64() * 1e6),
-    })
+    Ok(stats)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use vrdma_tests::perf::{
     atomic_lat_device, idle_cpu, memcpy_bw, read_lat_device, send_lat_device, write_bw_device,
     write_bw_fabric, write_lat_device, write_lat_device_interrupt, write_lat_eventfd,
@@ -28,19 +28,26 @@ struct Cli {
     test: Test,
 }
 
+/// Size and iterations of a latency test.
+#[derive(Args)]
+struct LatArgs {
+    /// Message size in bytes.
+    #[arg(short = 's', long = "size", default_value_t = 2)]
+    size: u64,
+    /// Sweep sizes 2 B … 8 MiB.
+    #[arg(short = 'a', long = "all")]
+    all: bool,
+    /// Iterations.
+    #[arg(short = 'n', long = "iters", default_value_t = 1000)]
+    iters: usize,
+}
+
 #[derive(Subcommand)]
 enum Test {
     /// RDMA WRITE latency, ib_write_lat semantics (half round trip; t_typical = median).
     WriteLat {
-        /// Message size in bytes.
-        #[arg(short = 's', long = "size", default_value_t = 2)]
-        size: u64,
-        /// Sweep sizes 2 B … 8 MiB.
-        #[arg(short = 'a', long = "all")]
-        all: bool,
-        /// Iterations.
-        #[arg(short = 'n', long = "iters", default_value_t = 1000)]
-        iters: usize,
+        #[command(flatten)]
+        lat: LatArgs,
         /// Send small messages inline (up to the QP's max inline size).
         #[arg(long)]
         inline: bool,
@@ -56,30 +63,16 @@ enum Test {
     },
     /// RDMA READ latency, ib_read_lat semantics (FULL round trip; t_typical = median).
     ReadLat {
-        /// Message size in bytes.
-        #[arg(short = 's', long = "size", default_value_t = 2)]
-        size: u64,
-        /// Sweep sizes 2 B … 8 MiB.
-        #[arg(short = 'a', long = "all")]
-        all: bool,
-        /// Iterations.
-        #[arg(short = 'n', long = "iters", default_value_t = 1000)]
-        iters: usize,
+        #[command(flatten)]
+        lat: LatArgs,
         /// One JSON object per line instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// SEND latency, ib_send_lat semantics (ping-pong, receive CQ polled; half round trip).
     SendLat {
-        /// Message size in bytes.
-        #[arg(short = 's', long = "size", default_value_t = 2)]
-        size: u64,
-        /// Sweep sizes 2 B … 8 MiB.
-        #[arg(short = 'a', long = "all")]
-        all: bool,
-        /// Iterations.
-        #[arg(short = 'n', long = "iters", default_value_t = 1000)]
-        iters: usize,
+        #[command(flatten)]
+        lat: LatArgs,
         /// Send small messages inline (up to the QP's max inline size).
         #[arg(long)]
         inline: bool,
@@ -450,9 +443,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.test {
         Test::WriteLat {
-            size,
-            all,
-            iters,
+            lat: LatArgs { size, all, iters },
             inline,
             completion,
             roce,
@@ -468,9 +459,7 @@ fn main() -> ExitCode {
             }
         }
         Test::ReadLat {
-            size,
-            all,
-            iters,
+            lat: LatArgs { size, all, iters },
             json,
         } => {
             let sizes = match sizes(size, all) {
@@ -494,9 +483,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Test::SendLat {
-            size,
-            all,
-            iters,
+            lat: LatArgs { size, all, iters },
             inline,
             json,
         } => {
