@@ -207,6 +207,12 @@ impl SoftQp {
         Some(pkt)
     }
 
+    /// In a state that sends (RTS, or SQD for what was fetched before) and not waiting for an
+    /// RNR timer.
+    fn may_send_state(&self) -> bool {
+        matches!(self.info.state, abi::QPS_RTS | abi::QPS_SQD) && !self.rnr_wait
+    }
+
     fn npsn(&self, len: u64) -> u32 {
         let mtu = self.info.mtu.max(256) as u64;
         len.div_ceil(mtu).clamp(1, psn::MASK as u64 / 2) as u32
@@ -559,7 +565,7 @@ impl SoftBackend {
         let Some(qp) = self.qps.get(&qpn) else {
             return false;
         };
-        if !matches!(qp.info.state, abi::QPS_RTS | abi::QPS_SQD) || qp.rnr_wait {
+        if !qp.may_send_state() {
             return false;
         }
         if let Some((status, vendor)) = qp.ops.front().and_then(|f| f.wr.error) {
@@ -648,10 +654,11 @@ impl SoftBackend {
             };
             self.port.count_direct(handed);
             self.work.extend(work);
+            // Idle again with a well-formed WR at the head (a malformed one fails the QP in
+            // `may_send`, after this loop).
             let more = self.qps.get(&qpn).is_some_and(|q| {
                 q.sent == 0
-                    && !q.rnr_wait
-                    && matches!(q.info.state, abi::QPS_RTS | abi::QPS_SQD)
+                    && q.may_send_state()
                     && q.ops.front().is_some_and(|o| o.wr.error.is_none())
             });
             if !progress || !more {
