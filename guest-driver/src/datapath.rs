@@ -17,6 +17,11 @@ use crate::error::{Error, Result};
 use crate::verbs::{Cq, Qp, RecvWr, Ring, SendWr};
 use crate::Driver;
 
+thread_local! {
+    /// WQE staging buffer of [`Driver::post_send_unchecked`].
+    static STAGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Valid `SEND_F_*` bits.
 const SEND_FLAGS: u8 =
     abi::SEND_F_FENCE | abi::SEND_F_SIGNALED | abi::SEND_F_SOLICITED | abi::SEND_F_INLINE;
@@ -159,40 +164,42 @@ impl Driver {
                 free,
             });
         }
-        let mut prod = qp.sq_prod;
         // WQEs are assembled in a staging buffer and stored with one access per run of slots
         // contiguous in guest memory (slots never cross a page): the cost of a guest's plain
-        // stores into its ring, rather than one vm-memory access per field.
+        // stores into its ring, rather than one vm-memory access per field. The buffer is the
+        // thread's, not the QP's: with thousands of QPs a per-QP buffer is one more cold page
+        // per post.
         let stride = qp.sq.stride as usize;
-        let mut stage = std::mem::take(&mut qp.stage);
-        stage.clear();
-        let mut run_start = qp.sq.slot_gpa(prod);
-        for wr in wrs {
-            let slot = qp.sq.slot_gpa(prod);
-            if slot.raw_value() != run_start.raw_value() + stage.len() as u64
-                || stage.len() + stride > abi::VRDMA_PAGE_SIZE as usize
-            {
-                self.write_guest(&stage, run_start)?;
-                stage.clear();
-                run_start = slot;
-            }
-            let at = stage.len();
-            stage.extend_from_slice(send_wqe_header(qp.qp_type, wr).as_slice());
-            match wr.inline {
-                Some(d) => stage.extend_from_slice(d),
-                None => {
-                    for sge in wr.sges {
-                        stage.extend_from_slice(sge.as_slice());
+        let prod = STAGE.with_borrow_mut(|stage| -> Result<u32> {
+            let mut prod = qp.sq_prod;
+            stage.clear();
+            let mut run_start = qp.sq.slot_gpa(prod);
+            for wr in wrs {
+                let slot = qp.sq.slot_gpa(prod);
+                if slot.raw_value() != run_start.raw_value() + stage.len() as u64
+                    || stage.len() + stride > abi::VRDMA_PAGE_SIZE as usize
+                {
+                    self.write_guest(stage, run_start)?;
+                    stage.clear();
+                    run_start = slot;
+                }
+                let at = stage.len();
+                stage.extend_from_slice(send_wqe_header(qp.qp_type, wr).as_slice());
+                match wr.inline {
+                    Some(d) => stage.extend_from_slice(d),
+                    None => {
+                        for sge in wr.sges {
+                            stage.extend_from_slice(sge.as_slice());
+                        }
                     }
                 }
+                // The rest of the slot (checked above to hold the WQE) is padding.
+                stage.resize(at + stride, 0);
+                prod = prod.wrapping_add(1);
             }
-            // The rest of the slot (checked above to hold the WQE) is padding.
-            stage.resize(at + stride, 0);
-            prod = prod.wrapping_add(1);
-        }
-        let written = self.write_guest(&stage, run_start);
-        qp.stage = stage;
-        written?;
+            self.write_guest(stage, run_start)?;
+            Ok(prod)
+        })?;
         // Release: the WQEs are visible before the new producer index.
         crate::gmem::store(
             &self.mem,

@@ -909,7 +909,6 @@ impl Driver {
                 stride: rq_stride,
             },
             sq_prod: 0,
-            stage: Vec::new(),
             rq_prod: 0,
             shared,
         })

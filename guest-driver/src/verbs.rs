@@ -292,8 +292,6 @@ pub struct Qp {
     pub(crate) rq: Ring,
     /// Driver's SQ producer index (free-running).
     pub(crate) sq_prod: u32,
-    /// Reused staging buffer for WQEs being posted.
-    pub(crate) stage: Vec<u8>,
     /// Driver's RQ producer index (free-running).
     pub(crate) rq_prod: u32,
     pub(crate) shared: Arc<QpShared>,

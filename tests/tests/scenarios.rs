@@ -3199,6 +3199,80 @@ fn direct_path_and_packets_keep_order() {
     assert_cq_empty(&b.d, &mut b.cq, Duration::ZERO);
 }
 
+/// An idle QP borrows the engine's spare send queue for a post and returns it when the post
+/// completes at once (the direct path). A QP whose operations stay in flight (its peer is
+/// stopped) keeps it, and the next idle QP borrows that QP's own empty queue. The operations
+/// of both QPs complete in order with their data, whichever queue holds them.
+#[test]
+fn lent_send_queue_keeps_each_qps_operations() {
+    let fabric = SoftFabric::new();
+    let (va, vb, vc) = (
+        Vm::new(&fabric, 1),
+        Vm::new(&fabric, 2),
+        Vm::new(&fabric, 3),
+    );
+    let (mut a, b, c) = (
+        node(&va, 64 << 10),
+        node(&vb, 64 << 10),
+        node(&vc, 64 << 10),
+    );
+    a.buf.fill_pattern(17);
+    let ab = pattern(17, 64 << 10);
+    let (mut q1, qb) = (a.qp(|_| {}), b.qp(|_| {}));
+    let (mut q2, qc) = (a.qp(|_| {}), c.qp(|_| {}));
+    connect(&a, &q1, &b, &qb);
+    connect(&a, &q2, &c, &qc);
+    const WRITE: u8 = abi::WC_OP_RDMA_WRITE;
+    // 256-byte WRITEs (wr_id, offset) from A's buffer to the same offset of `to`'s, one post.
+    let post = |qp: &mut Qp, wrs: &[(u64, u64)], to: &Node| {
+        let sges: Vec<[Sge; 1]> = wrs.iter().map(|&(_, off)| [a.mr.sge(off, 256)]).collect();
+        let wrs: Vec<SendWr> = wrs
+            .iter()
+            .zip(&sges)
+            .map(|(&(id, off), sge)| SendWr::write(id, sge, to.mr.addr(off), to.mr.rkey))
+            .collect();
+        a.d.post_send(qp, &wrs).unwrap();
+    };
+    // B stopped: Q1's three WRITEs stay in flight in the queue it borrowed.
+    vb.device.stop().unwrap();
+    post(&mut q1, &[(1, 0), (2, 256), (3, 512)], &b);
+    // Q2 borrows Q1's own (empty) queue; C runs, so they complete at once.
+    post(&mut q2, &[(10, 1024), (11, 1280)], &c);
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 2)),
+        [(10, OK, WRITE), (11, OK, WRITE)]
+    );
+    // More on Q1 queue behind the ones in flight, more on Q2.
+    post(&mut q1, &[(4, 768)], &b);
+    post(&mut q2, &[(12, 1536)], &c);
+    assert_eq!(keys(&poll_exact(&a.d, &mut a.cq, 1)), [(12, OK, WRITE)]);
+    vb.device.resume().unwrap();
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 4)),
+        [
+            (1, OK, WRITE),
+            (2, OK, WRITE),
+            (3, OK, WRITE),
+            (4, OK, WRITE)
+        ]
+    );
+    // Both idle again: each post borrows and returns the spare.
+    post(&mut q1, &[(5, 2048)], &b);
+    post(&mut q2, &[(13, 2304)], &c);
+    assert_eq!(
+        keys(&poll_exact(&a.d, &mut a.cq, 2)),
+        [(5, OK, WRITE), (13, OK, WRITE)]
+    );
+    assert!(b.buf.read_vec(0, 1024) == ab[..1024]);
+    assert!(b.buf.read_vec(2048, 256) == ab[2048..2304]);
+    assert!(c.buf.read_vec(1024, 768) == ab[1024..1792]);
+    assert!(c.buf.read_vec(2304, 256) == ab[2304..2560]);
+    // Nothing else was written: the neighbours of each target are still zero.
+    assert!(b.buf.read_vec(1024, 1024).iter().all(|&x| x == 0));
+    assert!(c.buf.read_vec(0, 1024).iter().all(|&x| x == 0));
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+}
+
 /// Two threads post to each other at once, so each device's lock is often taken when the other
 /// tries the direct path: those operations go as packets. Each round WRITEs 1 KiB, READs the
 /// same bytes back and FETCH_AND_ADDs one counter on the peer; the READ must return what the

@@ -362,6 +362,9 @@ pub struct SoftBackend {
     /// ([`SoftBackend::take_work`]): one inbox lock per destination instead of one per packet.
     outbox: VecDeque<Packet>,
     work: Work,
+    /// An empty operation queue, lent to a QP whose queue is empty when WRs are posted and
+    /// taken back when `pump_posted` leaves it empty again (see [`SoftBackend::send_slot`]).
+    spare_ops: VecDeque<ReqOp>,
 }
 
 impl std::fmt::Debug for SoftBackend {
@@ -389,6 +392,7 @@ impl SoftBackend {
             timers_changed: false,
             outbox: VecDeque::new(),
             work: Work::default(),
+            spare_ops: VecDeque::new(),
         }
     }
 
@@ -707,6 +711,14 @@ impl SoftBackend {
         if qp.info.qp_type == abi::QPT_UD {
             return None;
         }
+        if qp.ops.is_empty() {
+            // An idle QP borrows the spare queue, which the previous post used and left in
+            // the cache: with thousands of QPs each QP's own queue would be a fresh ~12 KiB
+            // (ReqOps of ~180 B) to miss on per batch. Usually it comes back at once
+            // (`pump_posted`, the direct path completes everything).
+            debug_assert!(self.spare_ops.is_empty());
+            std::mem::swap(&mut qp.ops, &mut self.spare_ops);
+        }
         qp.ops.push_back(ReqOp {
             wr: SendWr::default(),
             psn: 0,
@@ -719,6 +731,14 @@ impl SoftBackend {
     /// Sends what the QP may send after WRs were posted (see [`SoftBackend::send_slot`]).
     pub fn pump_posted(&mut self, ops: &mut dyn DeviceOps, qpn: u32) {
         self.pump(ops, qpn);
+        if let Some(qp) = self.qps.get_mut(&qpn) {
+            if qp.ops.is_empty() {
+                // Both queues are empty: the spare (warm) one returns to the backend.
+                std::mem::swap(&mut qp.ops, &mut self.spare_ops);
+                // std's `clear` also moves the ring's head back to the buffer's start.
+                self.spare_ops.clear();
+            }
+        }
         // Only a newly armed timer can move the next deadline earlier.
         if self.timers_changed {
             self.reschedule();
