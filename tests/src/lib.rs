@@ -28,7 +28,8 @@ use vrdma_glue::MmioTransport;
 /// The guest's view of its device: the MMIO window and the interrupt line.
 pub struct MmioPort {
     transport: Arc<MmioTransport>,
-    irq: EventFd,
+    /// The interrupt eventfd the epoll instance watches (kept open with it; never read).
+    _irq: EventFd,
     epoll: Epoll,
 }
 
@@ -40,11 +41,14 @@ impl MmioPort {
         epoll.ctl(
             ControlOperation::Add,
             irq.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
+            // Edge-triggered: every interrupt (eventfd write) is one wake-up, and the eventfd
+            // is never read. Reading it after each wake-up is a second system call on the
+            // woken side, which the wake-up floor (a blocking eventfd read) does not pay.
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, 0),
         )?;
         Ok(Self {
             transport,
-            irq,
+            _irq: irq,
             epoll,
         })
     }
@@ -60,19 +64,22 @@ impl vrdma_guest::Transport for MmioPort {
     }
 
     fn wait_interrupt(&self, timeout: Duration) -> bool {
-        // virtio-mmio interrupts are level-triggered: a pending status counts as fired.
-        if self.transport.interrupt_status() != 0 {
-            let _ = self.irq.read();
-            return true;
-        }
-        let mut ev = [EpollEvent::default()];
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        match self.epoll.wait(ms, &mut ev) {
-            Ok(n) if n > 0 => {
-                let _ = self.irq.read();
-                true
+        // virtio-mmio interrupts are level-triggered: a pending status counts as fired. An edge
+        // left by an interrupt that was taken through the status (without sleeping) can end a
+        // later wait early: then the status decides, and the wait goes on.
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.transport.interrupt_status() != 0 {
+                return true;
             }
-            _ => self.transport.interrupt_status() != 0,
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut ev = [EpollEvent::default()];
+            // Rounded up: a sub-millisecond rest must still sleep, not spin.
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            let _ = self.epoll.wait(ms, &mut ev);
         }
     }
 }

@@ -628,6 +628,8 @@ impl SoftBackend {
         loop {
             let mut handed = 0;
             let mut progress = false;
+            // Responses that are plain ACKs/NAKs, completed after the peer is unlocked.
+            let mut acks: SmallVec<[Packet; 2]> = SmallVec::new();
             let scope = DirectScope::enter();
             let work = peer.with_engine(&mut |engine, peer_ops| {
                 let mut replies: SmallVec<[Packet; 2]> = SmallVec::new();
@@ -645,9 +647,15 @@ impl SoftBackend {
                 }
                 engine.take_replies(src, qpn, &mut replies);
                 replies.extend(engine.take_direct_ack(peer_qpn));
+                progress = !replies.is_empty();
+                if replies.iter().all(|p| matches!(p.body, Body::Ack { .. })) {
+                    // No data: completed once the peer is unlocked and has raised its
+                    // interrupt, so that its woken guest does not wait for this completer.
+                    acks = replies;
+                    return;
+                }
                 // Completed while the peer is still locked: a READ response is copied from the
                 // peer's memory as the responder found it, before its guest can change it.
-                progress = !replies.is_empty();
                 for pkt in replies.drain(..) {
                     self.complete_response(ops, pkt);
                 }
@@ -656,6 +664,9 @@ impl SoftBackend {
             let Some(work) = work else {
                 break;
             };
+            for pkt in acks {
+                self.complete_response(ops, pkt);
+            }
             self.port.count_direct(handed);
             self.work.extend(work);
             // Idle again with a well-formed WR at the head (a malformed one fails the QP in
