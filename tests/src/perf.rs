@@ -659,11 +659,17 @@ impl BwRun {
     }
 }
 
-/// Waits for one receive completion on `s.rcq` through the armed CQ's interrupt (no busy
-/// polling): poll, arm, poll again (the device fires at once for CQEs past the arm), sleep on
-/// the interrupt.
-fn wait_recv_interrupt(s: &mut Side, deadline: Instant) -> Result<(), String> {
+/// Replaces the previous wait's receive if `replace`, then waits for one receive completion on
+/// `s.rcq` through the armed CQ's interrupt (no busy polling): poll, arm, poll again (the
+/// device fires at once for CQEs past the arm), sleep on the interrupt.
+fn wait_recv_interrupt(s: &mut Side, replace: bool, deadline: Instant) -> Result<(), String> {
     let mut cqe = [Cqe::default(); 1];
+    if replace {
+        // Replace the receive the previous wait consumed: here, while the peer is busy, rather
+        // than between the wake-up and the next post (the receive queue holds 128).
+        s.d.post_recv(&mut s.qp, &[vrdma_guest::RecvWr::new(0, &[])])
+            .map_err(|e| e.to_string())?;
+    }
     loop {
         if s.d.poll_cq(&mut s.rcq, &mut cqe) == 1 {
             break;
@@ -681,9 +687,7 @@ fn wait_recv_interrupt(s: &mut Side, deadline: Instant) -> Result<(), String> {
     if cqe[0].status != WC_SUCCESS {
         return Err(format!("receive completion status {}", cqe[0].status));
     }
-    // Replace the consumed receive.
-    s.d.post_recv(&mut s.qp, &[vrdma_guest::RecvWr::new(0, &[])])
-        .map_err(|e| e.to_string())
+    Ok(())
 }
 
 /// `write-lat` with interrupt completions: each side RDMA-WRITEs with immediate data into the
@@ -698,7 +702,7 @@ pub fn write_lat_device_interrupt(size: u64, iters: usize) -> Result<Vec<u64>, S
             .map_err(|e| e.to_string())?;
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    let wait = move |s: &mut Side, _i: usize| wait_recv_interrupt(s, deadline);
+    let wait = move |s: &mut Side, i: usize| wait_recv_interrupt(s, i > 0, deadline);
     let post = move |s: &mut Side, i: usize, raddr: u64, rkey: u32, signaled: bool| {
         let sge = [s.mr.sge(0, size as u32)];
         let wr = SendWr::write_imm(i as u64, &sge, raddr, rkey, i as u32);
