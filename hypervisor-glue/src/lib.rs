@@ -39,6 +39,7 @@
 pub mod acpi;
 pub mod bus;
 pub mod kvm;
+pub mod memory;
 pub mod mmio;
 
 pub use bus::{BusDevice, MmioBus};

@@ -168,7 +168,7 @@ impl BareEndpoint {
     pub fn new(fabric: &Arc<SoftFabric>, gid: Gid, mem_len: u64) -> Result<Arc<Self>, String> {
         let mem_len = mem_len.max(4096).next_multiple_of(4096);
         let mem = Arc::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_len as usize)])
+            crate::guest_memory(&[(GuestAddress(0), mem_len as usize)])
                 .map_err(|e| format!("endpoint memory: {e}"))?,
         );
         let ep = Arc::new_cyclic(|weak| {

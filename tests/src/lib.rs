@@ -7,6 +7,7 @@
 //! transport's interrupt eventfd (as an irqfd would). Nothing is mocked.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,30 @@ pub struct Vm {
     pub transport: Arc<MmioTransport>,
 }
 
+static HUGE_PAGES: AtomicBool = AtomicBool::new(false);
+
+/// Whether harness guest memory made from now on asks for transparent huge pages, as a VMM
+/// does ([`vrdma_glue::memory::advise_huge_pages`]; the reference VMM always asks). Off by
+/// default: the test suite runs many guests that each touch a few pages of 256 MiB, and 2 MiB
+/// pages would make each touch 2 MiB resident. `vrdma-perf` turns it on.
+pub fn set_huge_pages(on: bool) {
+    HUGE_PAGES.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_huge_pages`] is on.
+pub fn huge_pages() -> bool {
+    HUGE_PAGES.load(Ordering::Relaxed)
+}
+
+/// Harness guest memory of `ranges`, with transparent huge pages if [`set_huge_pages`] is on.
+pub fn guest_memory(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, String> {
+    let mem = GuestMemoryMmap::from_ranges(ranges).map_err(|e| e.to_string())?;
+    if huge_pages() {
+        vrdma_glue::memory::advise_huge_pages(&mem).map_err(|e| format!("huge pages: {e}"))?;
+    }
+    Ok(mem)
+}
+
 /// Guest RAM size of harness guests.
 pub const GUEST_RAM: u64 = 256 << 20;
 /// Where the guest driver's allocator starts (below is left to "the guest kernel").
@@ -107,10 +132,8 @@ impl Vm {
 
     /// A guest with a device of the given configuration.
     pub fn with_config(fabric: &Arc<SoftFabric>, cfg: DeviceConfig) -> Self {
-        let mem = Arc::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_RAM as usize)])
-                .expect("guest memory"),
-        );
+        let mem =
+            Arc::new(guest_memory(&[(GuestAddress(0), GUEST_RAM as usize)]).expect("guest memory"));
         let device = Vrdma::new(cfg, fabric).expect("device");
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let transport = Arc::new(MmioTransport::new(device.clone(), mem.clone(), irq));
@@ -172,7 +195,7 @@ pub fn memory_like(mem: &GuestMemoryMmap) -> GuestMemoryMmap {
         .iter()
         .map(|r| (r.start_addr(), r.len() as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).expect("guest memory")
+    guest_memory(&ranges).expect("guest memory")
 }
 
 /// Guest-physical addresses of the 4 KiB pages whose contents differ between `a` and `b`
@@ -206,9 +229,7 @@ impl Vm {
     /// `gid_for_id(id)` on `fabric`. Migration tests use small guests: every migration copies
     /// all of guest memory.
     pub fn with_ram(fabric: &Arc<SoftFabric>, id: u32, ram: u64) -> Self {
-        let mem = Arc::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), ram as usize)]).expect("guest memory"),
-        );
+        let mem = Arc::new(guest_memory(&[(GuestAddress(0), ram as usize)]).expect("guest memory"));
         let device = Vrdma::new(DeviceConfig::with_gid(DeviceConfig::gid_for_id(id)), fabric)
             .expect("device");
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");

@@ -86,10 +86,10 @@ fn read_pages(f: &mut impl Read, mem: &GuestMemoryMmap, count: u64) -> Result<()
 }
 
 fn guest_memory() -> Result<Arc<GuestMemoryMmap>, String> {
-    Ok(Arc::new(
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_RAM as usize)])
-            .map_err(|e| e.to_string())?,
-    ))
+    Ok(Arc::new(crate::guest_memory(&[(
+        GuestAddress(0),
+        GUEST_RAM as usize,
+    )])?))
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, String> {

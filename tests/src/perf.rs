@@ -753,10 +753,8 @@ pub fn write_lat_eventfd(iters: usize) -> Result<Vec<u64>, String> {
 /// the copy routine are the same for the floor and the device. Best of three passes.
 pub fn memcpy_bw(size: usize, total: u64) -> f64 {
     use vm_memory::{Bytes, GuestMemoryBackend};
-    let mk = || {
-        vrdma_device::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_RAM as usize)])
-            .expect("guest memory")
-    };
+    let mk =
+        || crate::guest_memory(&[(GuestAddress(0), GUEST_RAM as usize)]).expect("guest memory");
     let (src, dst) = (mk(), mk());
     let size = size.min((GUEST_RAM - ALLOC_BASE) as usize);
     let at = GuestAddress(ALLOC_BASE);

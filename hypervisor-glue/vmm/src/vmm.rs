@@ -134,6 +134,11 @@ pub fn run(args: &Args) -> Result<u8, Error> {
         .collect();
     let mem =
         Arc::new(GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?);
+    // Transparent huge pages where the host allows them (rings and buffers of many QPs
+    // outgrow the TLB's reach with 4 KiB pages); advice only, so a refusal is not fatal.
+    if let Err(e) = vrdma_glue::memory::advise_huge_pages(&mem) {
+        tracing::warn!("guest memory without huge pages: {e}");
+    }
     // KVM keeps pointers into the mapping until the process exits.
     std::mem::forget(mem.clone());
     register_guest_memory(&vm, &mem, 0)?;

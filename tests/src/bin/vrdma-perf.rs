@@ -26,6 +26,19 @@ use vrdma_tests::roce_perf;
 struct Cli {
     #[command(subcommand)]
     test: Test,
+    /// Guest memory without transparent huge pages (by default it asks for them, as the
+    /// reference VMM and Cloud Hypervisor do; the memcpy floor uses the same memory).
+    #[arg(long, global = true)]
+    no_huge_pages: bool,
+}
+
+/// The arguments that start a node process (`--roce`), with this process's memory policy.
+fn node_args() -> &'static [&'static str] {
+    if vrdma_tests::huge_pages() {
+        &["node"]
+    } else {
+        &["--no-huge-pages", "node"]
+    }
 }
 
 /// Size and iterations of a latency test.
@@ -167,7 +180,7 @@ struct RoceOpts {
 fn roce_pair(o: &RoceOpts, buf: u64) -> Result<roce_perf::CrossPair, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let ips = (o.local_ip, o.remote_ip);
-    roce_perf::cross_pair(&exe, &["node"], ips, buf, vrdma_abi::MTU_4096, 14)
+    roce_perf::cross_pair(&exe, node_args(), ips, buf, vrdma_abi::MTU_4096, 14)
 }
 
 fn write_lat_roce(sizes: &[u64], iters: usize, o: &RoceOpts, json: bool) -> ExitCode {
@@ -441,6 +454,7 @@ fn write_bw(size: u64, qps: &[u32], batch: &[u32], iters: u64, json: bool) -> Ex
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    vrdma_tests::set_huge_pages(!cli.no_huge_pages);
     match cli.test {
         Test::WriteLat {
             lat: LatArgs { size, all, iters },
@@ -680,7 +694,7 @@ fn migrate_roce(o: &RoceOpts, hops: u32, runs: u32, json: bool) -> ExitCode {
         let plan: Vec<(u64, std::net::IpAddr)> = (1..=hops as u64)
             .map(|k| (3 * PER_HOP * k, if k % 2 == 1 { o.remote_ip } else { alt }))
             .collect();
-        match roce_perf::migrate_across(&exe, &["node"], o.remote_ip, o.local_ip, &plan, iters) {
+        match roce_perf::migrate_across(&exe, node_args(), o.remote_ip, o.local_ip, &plan, iters) {
             Ok(st) => {
                 if json {
                     println!("{}", serde_json::to_string(&st).unwrap_or_default());
