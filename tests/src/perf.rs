@@ -453,6 +453,19 @@ pub struct BwStats {
     pub bw_gbps: f64,
     /// Time from the first post to the first completion, in microseconds.
     pub first_completion_us: f64,
+    /// Runs this result is the median of (`vrdma-perf write-bw --rounds`; 1 for one run).
+    pub rounds: u32,
+}
+
+impl BwStats {
+    /// The run with the median message rate among `runs` of one set-up, with `rounds` set.
+    pub fn median(mut runs: Vec<BwStats>) -> Option<BwStats> {
+        let rounds = runs.len() as u32;
+        runs.sort_by(|a, b| a.msg_rate_mpps.total_cmp(&b.msg_rate_mpps));
+        let mut m = runs.get(runs.len() / 2)?.clone();
+        m.rounds = rounds;
+        Some(m)
+    }
 }
 
 /// Guest pair with `qps` connected RC QP pairs sharing one CQ per side, and a receive buffer
@@ -534,39 +547,68 @@ pub fn multi_pair(qps: u32, size: u64, sq_depth: u32) -> Result<MultiPair, Strin
 /// `write-bw`: one sender thread posts `size`-byte RDMA WRITEs round-robin over `qps` QPs,
 /// `batch` WQEs per doorbell (the last one signaled), for `msgs` messages in total.
 pub fn write_bw_device(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwStats, String> {
-    let mut p = multi_pair(qps, size, BwRun::sq_depth(batch))?;
-    let slot = size.max(64);
-    let a = &mut p.a;
-    let (raddr, rkey) = (p.b.mr.iova, p.b.mr.rkey);
-    let mut cqes = vec![Cqe::default(); 4096];
-    let sge_len = size as u32;
-    let mut q = 0usize;
-    let mut wrs: Vec<SendWr> = Vec::with_capacity(batch.max(1) as usize);
-    let sges: Vec<[vrdma_abi::Sge; 1]> = (0..qps as u64)
-        .map(|i| [a.mr.sge(i * slot, sge_len)])
-        .collect();
-    // The clock starts here, after the set-up.
-    let mut run = BwRun::new(qps, batch, msgs);
-    while !run.finished() {
-        // Post one batch on the next QP with room.
-        if let Some(n) = run.next_batch(q) {
-            wrs.clear();
-            for k in 0..n {
-                let wr = SendWr::write(q as u64, &sges[q], raddr + q as u64 * slot, rkey);
-                wrs.push(if k + 1 == n { wr } else { wr.unsignaled() });
-            }
-            a.d.post_send(&mut a.qps[q], &wrs)
-                .map_err(|e| e.to_string())?;
-        }
-        q = (q + 1) % qps as usize;
-        // Reap completions: each signaled CQE retires its whole batch.
-        let n = a.d.poll_cq(&mut a.cq, &mut cqes);
-        for c in &cqes[..n] {
-            run.retire(c.wr_id, c.status)?;
-        }
-        run.check_deadline("write-bw")?;
+    BwDevice::new(size, qps, batch)?.run(msgs)
+}
+
+/// A `write-bw` set-up through the device ([`write_bw_device`]) that can run again: the
+/// interleaved rounds of `vrdma-perf write-bw --rounds` run several set-ups by turns.
+pub struct BwDevice {
+    p: MultiPair,
+    size: u64,
+    qps: u32,
+    batch: u32,
+    sges: Vec<[vrdma_abi::Sge; 1]>,
+}
+
+impl BwDevice {
+    /// Two guests with `qps` connected QP pairs.
+    pub fn new(size: u64, qps: u32, batch: u32) -> Result<Self, String> {
+        let p = multi_pair(qps, size, BwRun::sq_depth(batch))?;
+        let slot = size.max(64);
+        let sges = (0..qps as u64)
+            .map(|i| [p.a.mr.sge(i * slot, size as u32)])
+            .collect();
+        Ok(Self {
+            p,
+            size,
+            qps,
+            batch,
+            sges,
+        })
     }
-    Ok(run.stats("device", size, qps))
+
+    /// Sends `msgs` messages; returns when all are complete.
+    pub fn run(&mut self, msgs: u64) -> Result<BwStats, String> {
+        let (size, qps, batch) = (self.size, self.qps, self.batch);
+        let slot = size.max(64);
+        let a = &mut self.p.a;
+        let (raddr, rkey) = (self.p.b.mr.iova, self.p.b.mr.rkey);
+        let mut cqes = vec![Cqe::default(); 4096];
+        let mut q = 0usize;
+        let mut wrs: Vec<SendWr> = Vec::with_capacity(batch.max(1) as usize);
+        // The clock starts here, after the set-up.
+        let mut run = BwRun::new(qps, batch, msgs);
+        while !run.finished() {
+            // Post one batch on the next QP with room.
+            if let Some(n) = run.next_batch(q) {
+                wrs.clear();
+                for k in 0..n {
+                    let wr = SendWr::write(q as u64, &self.sges[q], raddr + q as u64 * slot, rkey);
+                    wrs.push(if k + 1 == n { wr } else { wr.unsignaled() });
+                }
+                a.d.post_send(&mut a.qps[q], &wrs)
+                    .map_err(|e| e.to_string())?;
+            }
+            q = (q + 1) % qps as usize;
+            // Reap completions: each signaled CQE retires its whole batch.
+            let n = a.d.poll_cq(&mut a.cq, &mut cqes);
+            for c in &cqes[..n] {
+                run.retire(c.wr_id, c.status)?;
+            }
+            run.check_deadline("write-bw")?;
+        }
+        Ok(run.stats("device", size, qps))
+    }
 }
 
 /// The bookkeeping of a `write-bw` loop, shared by its paths: `qps` QP pairs round robin,
@@ -655,6 +697,7 @@ impl BwRun {
             msg_rate_mpps: self.done as f64 / secs / 1e6,
             bw_gbps: self.done as f64 * size as f64 * 8.0 / secs / 1e9,
             first_completion_us: self.first_completion.map_or(0.0, |d| d.as_secs_f64() * 1e6),
+            rounds: 1,
         }
     }
 }
@@ -879,33 +922,67 @@ pub fn write_lat_fabric(size: u64, iters: usize, inline: bool) -> Result<Vec<u64
 /// (one thread, `qps` QP pairs round robin, `batch` WRs handed to the engine under one lock
 /// acquisition, the last one signaled), with two [`BareEndpoint`]s.
 pub fn write_bw_fabric(size: u64, qps: u32, batch: u32, msgs: u64) -> Result<BwStats, String> {
-    let qps = qps.max(1);
-    let slot = size.max(64);
-    let (_fabric, a, b, qa, _qb) = bare_pair(qps, slot * qps as u64)?;
-    let mut cqes = Vec::with_capacity(4096);
-    let mut q = 0usize;
-    // The clock starts here, after the set-up.
-    let mut run = BwRun::new(qps, batch, msgs);
-    while !run.finished() {
-        if let Some(n) = run.next_batch(q) {
-            let off = q as u64 * slot;
-            a.post_send(
-                qa[q],
-                (0..n).map(|k| write_wr(q as u64, off, size, off, k + 1 == n, None)),
-            );
-        }
-        q = (q + 1) % qps as usize;
-        a.poll(&mut cqes);
-        for (_, c) in &cqes {
-            run.retire(c.wr_id, c.status)?;
-        }
-        run.check_deadline("write-bw (fabric)")?;
+    BwFabric::new(size, qps, batch)?.run(msgs)
+}
+
+/// A `write-bw` set-up over the bare fabric ([`write_bw_fabric`]) that can run again.
+pub struct BwFabric {
+    _fabric: Arc<SoftFabric>,
+    a: Arc<BareEndpoint>,
+    b: Arc<BareEndpoint>,
+    qa: Vec<u32>,
+    size: u64,
+    qps: u32,
+    batch: u32,
+}
+
+impl BwFabric {
+    /// Two bare endpoints with `qps` connected QP pairs.
+    pub fn new(size: u64, qps: u32, batch: u32) -> Result<Self, String> {
+        let qps = qps.max(1);
+        let slot = size.max(64);
+        let (_fabric, a, b, qa, _qb) = bare_pair(qps, slot * qps as u64)?;
+        Ok(Self {
+            _fabric,
+            a,
+            b,
+            qa,
+            size,
+            qps,
+            batch,
+        })
     }
-    let stats = run.stats("fabric", size, qps);
-    if let Some((qpn, v)) = a.failures().first().or(b.failures().first()) {
-        return Err(format!("QP {qpn:#x} failed (vendor error {v})"));
+
+    /// Sends `msgs` messages; returns when all are complete.
+    pub fn run(&mut self, msgs: u64) -> Result<BwStats, String> {
+        let (size, qps, batch) = (self.size, self.qps, self.batch);
+        let slot = size.max(64);
+        let (a, b) = (&self.a, &self.b);
+        let mut cqes = Vec::with_capacity(4096);
+        let mut q = 0usize;
+        // The clock starts here, after the set-up.
+        let mut run = BwRun::new(qps, batch, msgs);
+        while !run.finished() {
+            if let Some(n) = run.next_batch(q) {
+                let off = q as u64 * slot;
+                a.post_send(
+                    self.qa[q],
+                    (0..n).map(|k| write_wr(q as u64, off, size, off, k + 1 == n, None)),
+                );
+            }
+            q = (q + 1) % qps as usize;
+            a.poll(&mut cqes);
+            for (_, c) in &cqes {
+                run.retire(c.wr_id, c.status)?;
+            }
+            run.check_deadline("write-bw (fabric)")?;
+        }
+        let stats = run.stats("fabric", size, qps);
+        if let Some((qpn, v)) = a.failures().first().or(b.failures().first()) {
+            return Err(format!("QP {qpn:#x} failed (vendor error {v})"));
+        }
+        Ok(stats)
     }
-    Ok(stats)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -188,6 +188,7 @@ pub fn write_bw_roce(
         msg_rate_mpps: msgs as f64 / secs / 1e6,
         bw_gbps: (msgs * size) as f64 * 8.0 / secs / 1e9,
         first_completion_us: first.unwrap_or_default().as_secs_f64() * 1e6,
+        rounds: 1,
     })
 }
 

@@ -15,9 +15,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use vrdma_tests::perf::{
-    atomic_lat_device, idle_cpu, memcpy_bw, read_lat_device, send_lat_device, write_bw_device,
-    write_bw_fabric, write_lat_device, write_lat_device_interrupt, write_lat_eventfd,
-    write_lat_fabric, write_lat_shm, BwStats, LatStats,
+    atomic_lat_device, idle_cpu, memcpy_bw, read_lat_device, send_lat_device, write_lat_device,
+    write_lat_device_interrupt, write_lat_eventfd, write_lat_fabric, write_lat_shm, BwDevice,
+    BwFabric, BwStats, LatStats,
 };
 use vrdma_tests::roce_perf;
 
@@ -149,6 +149,11 @@ enum Test {
         /// Messages per run.
         #[arg(short = 'n', long = "iters", default_value_t = 1_000_000)]
         iters: u64,
+        /// Runs per set-up, by turns over all set-ups (each QP count, batch and path is set up
+        /// once): the median is reported, so a machine's slow and fast periods weigh alike on
+        /// every set-up being compared.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rounds: u32,
         #[command(flatten)]
         roce: RoceOpts,
         /// One JSON object per line.
@@ -405,7 +410,29 @@ fn write_lat(
     ExitCode::SUCCESS
 }
 
-fn write_bw(size: u64, qps: &[u32], batch: &[u32], iters: u64, json: bool) -> ExitCode {
+/// One `write-bw` set-up, kept for its rounds.
+enum BwSetup {
+    Device(BwDevice),
+    Fabric(BwFabric),
+}
+
+impl BwSetup {
+    fn run(&mut self, msgs: u64) -> Result<BwStats, String> {
+        match self {
+            BwSetup::Device(s) => s.run(msgs),
+            BwSetup::Fabric(s) => s.run(msgs),
+        }
+    }
+}
+
+fn write_bw(
+    size: u64,
+    qps: &[u32],
+    batch: &[u32],
+    iters: u64,
+    rounds: u32,
+    json: bool,
+) -> ExitCode {
     if size == 0 || size > 8 << 20 {
         eprintln!("error: --size must be 1 ..= 8388608");
         return ExitCode::FAILURE;
@@ -414,6 +441,9 @@ fn write_bw(size: u64, qps: &[u32], batch: &[u32], iters: u64, json: bool) -> Ex
         println!("# vrdma-perf write-bw: one sender thread, two in-process guests");
         println!("# path=device: guest driver -> virtio-mmio -> device -> soft fabric -> peer guest memory");
         println!("# path=fabric: the soft fabric's engine driven directly (no rings, WQEs, CQEs, virtio), same run");
+        if rounds > 1 {
+            println!("# {rounds} runs per set-up, by turns over the set-ups; each line is the run with the median rate");
+        }
         println!(
             " {:<8} {:<6} {:<6} {:<10} {:<12} {:<10} {:<16} path",
             "#bytes", "qps", "batch", "msgs", "rate[Mpps]", "bw[Gb/s]", "first_cqe[usec]"
@@ -421,35 +451,73 @@ fn write_bw(size: u64, qps: &[u32], batch: &[u32], iters: u64, json: bool) -> Ex
         let mc = memcpy_bw(size as usize, 1 << 30) * 8.0 / 1e9;
         println!("# single-thread memcpy of {size} B buffers, same run: {mc:.2} Gb/s");
     }
+    // Device then fabric for each QP count and batch, in the order they are reported.
+    let mut setups = Vec::new();
     for &n in qps {
         for &b in batch {
-            let dev = match write_bw_device(size, n, b, iters) {
-                Ok(st) => st,
+            let set_up = BwDevice::new(size, n, b)
+                .map(BwSetup::Device)
+                .and_then(|d| Ok((d, BwSetup::Fabric(BwFabric::new(size, n, b)?))));
+            match set_up {
+                Ok((d, f)) => setups.extend([(n, b, d), (n, b, f)]),
                 Err(e) => {
                     eprintln!("error: write-bw {n} QPs batch {b}: {e}");
                     return ExitCode::FAILURE;
                 }
-            };
-            print_bw(&dev, json);
-            let fab = match write_bw_fabric(size, n, b, iters) {
-                Ok(st) => st,
-                Err(e) => {
-                    eprintln!("error: write-bw {n} QPs batch {b}, path=fabric: {e}");
+            }
+            if rounds == 1 {
+                // One run each: run and report now, not holding every set-up's memory.
+                let (_, _, f) = setups.pop().expect("just pushed");
+                let (_, _, d) = setups.pop().expect("just pushed");
+                if bw_report(vec![(n, b, d), (n, b, f)], iters, 1, json).is_err() {
                     return ExitCode::FAILURE;
                 }
-            };
-            print_bw(&fab, json);
-            if !json {
-                println!(
-                    "# {n} QPs batch {b}: device/fabric message rate {:.2} ({:.0} ns vs {:.0} ns per message)",
-                    dev.msg_rate_mpps / fab.msg_rate_mpps.max(1e-9),
-                    1e3 / dev.msg_rate_mpps.max(1e-9),
-                    1e3 / fab.msg_rate_mpps.max(1e-9)
-                );
             }
         }
     }
+    if !setups.is_empty() && bw_report(setups, iters, rounds, json).is_err() {
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
+}
+
+/// Runs `setups` (device and fabric of each QP count and batch, in pairs) `rounds` times by
+/// turns and prints each one's median run, with the device/fabric ratio of each pair.
+fn bw_report(
+    mut setups: Vec<(u32, u32, BwSetup)>,
+    iters: u64,
+    rounds: u32,
+    json: bool,
+) -> Result<(), ()> {
+    let mut runs: Vec<Vec<BwStats>> = vec![Vec::new(); setups.len()];
+    for _ in 0..rounds {
+        for (k, (n, b, s)) in setups.iter_mut().enumerate() {
+            match s.run(iters) {
+                Ok(st) => runs[k].push(st),
+                Err(e) => {
+                    eprintln!("error: write-bw {n} QPs batch {b}: {e}");
+                    return Err(());
+                }
+            }
+        }
+    }
+    let medians: Vec<BwStats> = runs.into_iter().filter_map(BwStats::median).collect();
+    for pair in medians.chunks(2) {
+        for st in pair {
+            print_bw(st, json);
+        }
+        if let (false, [dev, fab]) = (json, pair) {
+            println!(
+                "# {} QPs batch {}: device/fabric message rate {:.2} ({:.0} ns vs {:.0} ns per message)",
+                dev.qps,
+                dev.batch,
+                dev.msg_rate_mpps / fab.msg_rate_mpps.max(1e-9),
+                1e3 / dev.msg_rate_mpps.max(1e-9),
+                1e3 / fab.msg_rate_mpps.max(1e-9)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -581,13 +649,14 @@ fn main() -> ExitCode {
             qps,
             batch,
             iters,
+            rounds,
             roce,
             json,
         } => {
             if roce.roce {
                 write_bw_roce(size, iters, &batch, &roce, json)
             } else {
-                write_bw(size, &qps, &batch, iters, json)
+                write_bw(size, &qps, &batch, iters, rounds, json)
             }
         }
         Test::Node => {
