@@ -145,8 +145,22 @@ pub struct QpInfo {
 
 /// The device core as a backend sees it.
 pub trait DeviceOps {
-    /// This device's guest memory.
+    /// This device's guest memory, to read and write (not to clone on the data path: see
+    /// [`DeviceOps::memory_handle`]).
     fn memory(&self) -> &Arc<GuestMemoryMmap>;
+    /// A handle on the same memory for the clones that packets carry ([`Payload`]).
+    ///
+    /// A clone writes the `Arc`'s reference count, which shares a cache line with the memory's
+    /// region list. When every access goes through the one `Arc`, the clones of this
+    /// device's thread and the reads of another thread (a guest driver; a peer running this
+    /// device's responder on the direct path) move that line between cores on every message.
+    /// A device therefore keeps a second `Arc` (another allocation over the same regions) for
+    /// clones. The default is [`DeviceOps::memory`] itself.
+    ///
+    /// [`Payload`]: crate::soft::packet::Payload
+    fn memory_handle(&self) -> &Arc<GuestMemoryMmap> {
+        self.memory()
+    }
     /// The QP's attributes, if it exists.
     fn qp_info(&self, qpn: u32) -> Option<QpInfo>;
     /// Checks an inbound remote access against the QP's PD and access flags and the MR named by

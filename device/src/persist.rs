@@ -913,7 +913,7 @@ fn restore_core(
 ) -> Result<Core, MigrationError> {
     let mem = mem_arc.as_ref();
     let mut core = Core::new(cfg.clone());
-    core.mem = Some(mem_arc.clone());
+    core.set_memory(mem_arc.clone());
     core.features = features;
     if let Some(gpa) = s.db_gpa {
         // What registration required under these features (the CQ-notify bitmap only with

@@ -126,7 +126,11 @@ pub(crate) struct Core {
     pub cfg: DeviceConfig,
     /// Features the driver accepted (gates UD, atomics, moderation).
     pub features: u64,
+    /// Guest memory as the VMM gave it (the driver holds the same `Arc`): read and written,
+    /// not cloned on the data path.
     pub mem: Option<Arc<GuestMemoryMmap>>,
+    /// The same regions under another `Arc`, for clones ([`DeviceOps::memory_handle`]).
+    pub mem_handle: Option<Arc<GuestMemoryMmap>>,
     pub db_gpa: Option<u64>,
     pub pds: HandleTable<Pd>,
     pub mrs: HandleTable<Mr>,
@@ -168,6 +172,12 @@ pub(crate) struct State {
 type WqeError = (u8, u32);
 
 impl Core {
+    /// Sets the guest memory, and a handle on it for clones (see [`Core::mem_handle`]).
+    pub fn set_memory(&mut self, mem: Arc<GuestMemoryMmap>) {
+        self.mem_handle = Some(Arc::new(GuestMemoryMmap::clone(&mem)));
+        self.mem = Some(mem);
+    }
+
     pub(crate) fn new(cfg: DeviceConfig) -> Self {
         Self {
             pds: HandleTable::new(cfg.max_pd),
@@ -178,6 +188,7 @@ impl Core {
             cfg,
             features: 0,
             mem: None,
+            mem_handle: None,
             db_gpa: None,
             total_mr_pages: 0,
             total_ring_pages: 0,
@@ -420,7 +431,7 @@ impl Core {
 
     /// Writes a CQE to `cqn`. Handles overflow and arming.
     fn push_cqe(&mut self, cqn: u32, qpn: u32, c: &Completion) {
-        let Some(mem) = self.mem.clone() else {
+        let Some(mem) = self.mem.as_deref() else {
             return;
         };
         let Some(cq) = self.cqs.get_mut(cqn) else {
@@ -429,7 +440,7 @@ impl Core {
         if cq.overflow {
             return;
         }
-        let cons = cq.ring.cons(&mem);
+        let cons = cq.ring.cons(mem);
         if cq.prod.wrapping_sub(cons) >= cq.ring.depth {
             cq.overflow = true;
             self.push_event(abi::EV_CQ_ERR, cqn, 0);
@@ -464,15 +475,15 @@ impl Core {
         };
         let slot = cq.ring.slot(pos);
         let bytes = cqe.as_slice();
-        gm::write_bytes(&mem, slot, &bytes[..abi::CQE_OWNER_OFFSET as usize]);
+        gm::write_bytes(mem, slot, &bytes[..abi::CQE_OWNER_OFFSET as usize]);
         gm::store(
-            &mem,
+            mem,
             slot + abi::CQE_OWNER_OFFSET,
             cqe.owner,
             Ordering::Release,
         );
         cq.prod = pos.wrapping_add(1);
-        cq.ring.set_prod(&mem, cq.prod);
+        cq.ring.set_prod(mem, cq.prod);
         let sol = c.solicited || c.status != abi::WC_SUCCESS;
         if sol {
             cq.sol_pos = Some(cq.prod);
@@ -487,7 +498,7 @@ impl Core {
 
     /// Handles an arm request for the CQ with table index `index`.
     pub(crate) fn process_arm(&mut self, index: u32) {
-        let Some(mem) = self.mem.clone() else {
+        let Some(mem) = self.mem.as_deref() else {
             return;
         };
         let Some((cqn, _)) = self.cqs.by_index(index) else {
@@ -496,7 +507,7 @@ impl Core {
         let Some(cq) = self.cqs.get_mut(cqn) else {
             return;
         };
-        let (arm, arm_cons) = cq.ring.arm(&mem);
+        let (arm, arm_cons) = cq.ring.arm(mem);
         let seq = arm >> 2;
         let flags = arm & (abi::CQ_ARM_NEXT | abi::CQ_ARM_SOLICITED);
         if cq.arm_seq == Some(seq) || flags == 0 {
@@ -524,14 +535,14 @@ impl Core {
 
     /// Completes the unfetched SQ entries and the posted receives of a QP with flush errors.
     pub fn flush_rings(&mut self, qpn: u32) {
-        let Some(mem) = self.mem.clone() else {
+        let Some(mem) = self.mem.as_deref() else {
             return;
         };
         let Some(qp) = self.qps.get_mut(qpn) else {
             return;
         };
         let mut out: Vec<(u32, Completion)> = Vec::new();
-        let sq_prod = qp.sq.prod(&mem);
+        let sq_prod = qp.sq.prod(mem);
         let n = sq_prod.wrapping_sub(*qp.sq_cons).min(qp.sq.depth);
         for _ in 0..n {
             let slot = qp.sq.slot(*qp.sq_cons);
@@ -550,8 +561,8 @@ impl Core {
             (*qp.sq_cons) = (*qp.sq_cons).wrapping_add(1);
         }
         (*qp.sq_cons) = sq_prod;
-        qp.sq.set_cons(&mem, *qp.sq_cons);
-        let rq_prod = qp.rq.prod(&mem);
+        qp.sq.set_cons(mem, *qp.sq_cons);
+        let rq_prod = qp.rq.prod(mem);
         let n = rq_prod.wrapping_sub(qp.rq_cons).min(qp.rq.depth);
         for _ in 0..n {
             let slot = qp.rq.slot(qp.rq_cons);
@@ -570,7 +581,7 @@ impl Core {
             qp.rq_cons = qp.rq_cons.wrapping_add(1);
         }
         qp.rq_cons = rq_prod;
-        qp.rq.set_cons(&mem, qp.rq_cons);
+        qp.rq.set_cons(mem, qp.rq_cons);
         for (cq, c) in out {
             self.push_cqe(cq, qpn, &c);
         }
@@ -593,6 +604,12 @@ impl Core {
 impl DeviceOps for Core {
     fn memory(&self) -> &Arc<GuestMemoryMmap> {
         self.mem
+            .as_ref()
+            .expect("backend runs only on an active device")
+    }
+
+    fn memory_handle(&self) -> &Arc<GuestMemoryMmap> {
+        self.mem_handle
             .as_ref()
             .expect("backend runs only on an active device")
     }
@@ -626,13 +643,13 @@ impl DeviceOps for Core {
     }
 
     fn take_recv(&mut self, qpn: u32) -> TakeRecv {
-        let Some(mem) = self.mem.clone() else {
+        let Some(mem) = self.mem.as_deref() else {
             return TakeRecv::Empty;
         };
         let Some(qp) = self.qps.get(qpn) else {
             return TakeRecv::Empty;
         };
-        let prod = qp.rq.prod(&mem);
+        let prod = qp.rq.prod(mem);
         let n = prod.wrapping_sub(qp.rq_cons);
         if n == 0 {
             return TakeRecv::Empty;
@@ -644,13 +661,13 @@ impl DeviceOps for Core {
         let idx = qp.rq_cons;
         let slot = qp.rq.slot(idx);
         let (pd, max_sge, recv_cq, rq_hdr) = (qp.pd, qp.max_recv_sge, qp.recv_cq, qp.rq.header());
-        let w = gm::read_obj::<abi::RecvWqe>(&mem, slot).unwrap_or_default();
+        let w = gm::read_obj::<abi::RecvWqe>(mem, slot).unwrap_or_default();
         let mut segs = SegList::new();
         let res = if w.num_sge > max_sge {
             Err((abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE))
         } else {
             self.resolve_sges(
-                &mem,
+                mem,
                 slot + abi::RECV_WQE_HDR as u64,
                 w.num_sge as usize,
                 pd,
@@ -662,7 +679,7 @@ impl DeviceOps for Core {
             qp.rq_cons = idx.wrapping_add(1);
         }
         gm::store(
-            &mem,
+            mem,
             rq_hdr + abi::RING_CONS_OFFSET,
             idx.wrapping_add(1),
             Ordering::Release,
@@ -740,7 +757,7 @@ impl State {
         queues: Vec<Queue>,
         irq: Arc<dyn Interrupt>,
     ) {
-        self.core.mem = Some(mem.clone());
+        self.core.set_memory(mem.clone());
         self.core.features = self.acked_features;
         self.active = Some(Active { mem, queues, irq });
     }
@@ -775,7 +792,7 @@ impl State {
 
     /// Fetches and executes the QP's new send WQEs (or flushes them in ERR).
     pub fn process_sq(&mut self, qpn: u32) {
-        let Some(mem) = self.core.mem.clone() else {
+        let Some(mem) = self.core.mem_handle.clone() else {
             return;
         };
         let Some(qp) = self.core.qps.get_mut(qpn) else {
@@ -816,7 +833,7 @@ impl State {
     /// Fetches and executes the WQEs of an RTS QP up to `prod` (see [`State::process_sq`]).
     fn fetch_sq(&mut self, qpn: u32, prod: u32, depth: usize) {
         let mut buf = std::mem::take(&mut *self.sq_buf);
-        if let Some(mem) = self.core.mem.clone() {
+        if let Some(mem) = self.core.mem_handle.clone() {
             self.fetch_sq_with(&mem, qpn, prod, depth, &mut buf);
         }
         *self.sq_buf = buf;
@@ -936,7 +953,7 @@ impl State {
 
     /// The doorbell: new event buffers, SQ doorbells and CQ arm requests.
     pub fn process_doorbells(&mut self) {
-        let (Some(mem), Some(db)) = (self.core.mem.clone(), self.core.db_gpa) else {
+        let (Some(mem), Some(db)) = (self.core.mem_handle.clone(), self.core.db_gpa) else {
             self.flush_events();
             return;
         };
@@ -1020,7 +1037,9 @@ impl State {
         };
         // CQ notifications are already in the bitmap; each counts as one event.
         let notified = std::mem::take(&mut self.core.cq_notified);
-        let mem = active.mem.clone();
+        // Borrowed, not cloned: a clone writes the reference count, which shares a cache line
+        // with the memory's region list that the driver and the peers' threads read.
+        let mem: &GuestMemoryMmap = &active.mem;
         let q = &mut active.queues[abi::EVENTQ as usize];
         let mut delivered = 0u32;
         loop {
@@ -1035,7 +1054,7 @@ impl State {
             } else {
                 break;
             };
-            let Some(chain) = q.pop_descriptor_chain(mem.as_ref()) else {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -1045,7 +1064,7 @@ impl State {
                     written = abi::EVENT_SIZE;
                 }
             }
-            let _ = q.add_used(mem.as_ref(), head, written);
+            let _ = q.add_used(mem, head, written);
             if ev.kind == abi::EV_OVERFLOW && self.core.events.is_empty() {
                 self.core.events_dropped = 0;
             } else {

@@ -551,7 +551,7 @@ impl SoftBackend {
         // Send the unsent ops in order, as packets.
         let src = self.port.gid();
         let mut any = false;
-        while let Some(pkt) = qp.next_request(ops.memory(), src) {
+        while let Some(pkt) = qp.next_request(ops.memory_handle(), src) {
             // Sent, in order, when the device entry ends.
             self.outbox.push_back(pkt);
             any = true;
@@ -637,7 +637,7 @@ impl SoftBackend {
                     return;
                 };
                 let peer_qpn = qp.info.dest_qpn;
-                while let Some(pkt) = qp.next_request(ops.memory(), src) {
+                while let Some(pkt) = qp.next_request(ops.memory_handle(), src) {
                     handed += 1;
                     engine.respond(peer_ops, pkt, true);
                     // A NAK or a READ/atomic response: complete it before sending more.
@@ -784,7 +784,7 @@ impl SoftBackend {
                     qkey: dest.qkey,
                     imm: op.wr.imm,
                     solicited: op.wr.flags & abi::SEND_F_SOLICITED != 0,
-                    payload: payload_of(ops.memory(), &op.wr),
+                    payload: payload_of(ops.memory_handle(), &op.wr),
                 },
             };
             self.send(pkt);
@@ -959,7 +959,7 @@ impl SoftBackend {
                     return;
                 };
                 let payload = Payload::Guest {
-                    mem: ops.memory().clone(),
+                    mem: ops.memory_handle().clone(),
                     segs,
                 };
                 if let Some(qp) = self.qps.get_mut(&qpn) {
@@ -1110,7 +1110,7 @@ impl SoftBackend {
                     ops.resolve_remote(qpn, *rkey, *addr, *len, abi::ACCESS_REMOTE_READ)
                 {
                     let payload = Payload::Guest {
-                        mem: ops.memory().clone(),
+                        mem: ops.memory_handle().clone(),
                         segs,
                     };
                     self.reply(&pkt, pkt.psn, Body::ReadResp { payload });
@@ -1164,7 +1164,7 @@ impl SoftBackend {
             return;
         }
         let grh = build_grh(&pkt, payload.len());
-        let mem = ops.memory().clone();
+        let mem = ops.memory_handle().clone();
         mr::write_segs(&mem, &recv.segs, &grh);
         let tail = split_segs(&recv.segs, abi::GRH_SIZE as u64);
         payload.copy_to(&mem, &tail);

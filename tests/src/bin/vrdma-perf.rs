@@ -68,6 +68,11 @@ enum Test {
         /// or `interrupt` (WRITE with immediate; sleep on the armed receive CQ's interrupt).
         #[arg(long, default_value = "poll", value_parser = ["poll", "interrupt"])]
         completion: String,
+        /// Runs of `--iters` iterations per path, by turns over the paths: each path's
+        /// statistics are over all its runs' samples, so a machine's slow and fast periods
+        /// weigh alike on the device and on its floor.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rounds: u32,
         #[command(flatten)]
         roce: RoceOpts,
         /// One JSON object per line instead of the table.
@@ -327,6 +332,7 @@ fn write_lat(
     size: u64,
     all: bool,
     iters: usize,
+    rounds: u32,
     inline: bool,
     interrupt: bool,
     json: bool,
@@ -344,44 +350,45 @@ fn write_lat(
             println!("# path=fabric: the soft fabric's engine driven directly (no rings, WQEs, CQEs, virtio), same run");
             println!("# path=shm: two threads ping-ponging one cache line (the floor), same run");
         }
+        if rounds > 1 {
+            println!("# {rounds} runs of {iters} iterations per path, by turns; statistics over all samples of a path");
+        }
         println!("{}", LatStats::header());
     }
     let mode = if interrupt { "interrupt" } else { "poll" };
     for s in sizes {
-        let res = if interrupt {
-            write_lat_device_interrupt(s, iters)
-        } else {
-            write_lat_device(s, iters, inline)
-        };
-        let dev = match res {
-            Ok(r) => LatStats::from_rtts("write_lat", "device", s, mode, &r),
-            Err(e) => {
-                eprintln!("error: write-lat {s} B: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let fabric = if interrupt {
-            None
-        } else {
-            match write_lat_fabric(s, iters, inline) {
-                Ok(r) => Some(LatStats::from_rtts("write_lat", "fabric", s, mode, &r)),
+        // Round trips of device, fabric (poll only) and floor, over all rounds.
+        let mut rtts: [Vec<u64>; 3] = Default::default();
+        // t_typical ratio device/floor of each round.
+        let mut ratios = Vec::new();
+        for _ in 0..rounds {
+            match lat_round(s, iters, inline, interrupt) {
+                Ok(r) => {
+                    ratios.push(median_of(&r[0]) / median_of(&r[2]).max(1e-9));
+                    for (all, new) in rtts.iter_mut().zip(r) {
+                        all.extend(new);
+                    }
+                }
                 Err(e) => {
-                    eprintln!("error: write-lat {s} B, path=fabric: {e}");
+                    eprintln!("error: write-lat {s} B: {e}");
                     return ExitCode::FAILURE;
                 }
             }
-        };
-        let floor = if interrupt {
-            match write_lat_eventfd(iters) {
-                Ok(r) => LatStats::from_rtts("write_lat", "eventfd", s, mode, &r),
-                Err(e) => {
-                    eprintln!("error: eventfd floor: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        } else {
-            LatStats::from_rtts("write_lat", "shm", s, mode, &write_lat_shm(iters))
-        };
+        }
+        let [d, f, fl] = &rtts;
+        let dev = LatStats::from_rtts("write_lat", "device", s, mode, d);
+        let fabric = (!interrupt).then(|| LatStats::from_rtts("write_lat", "fabric", s, mode, f));
+        let floor_path = if interrupt { "eventfd" } else { "shm" };
+        let floor = LatStats::from_rtts("write_lat", floor_path, s, mode, fl);
+        if !json && rounds > 1 {
+            ratios.sort_by(f64::total_cmp);
+            println!(
+                "# {s} B: device/{floor_path} t_typical ratio per round: median {:.2}, range {:.2} - {:.2}",
+                ratios[ratios.len() / 2],
+                ratios[0],
+                ratios[ratios.len() - 1]
+            );
+        }
         for st in [Some(&dev), fabric.as_ref(), Some(&floor)]
             .into_iter()
             .flatten()
@@ -410,9 +417,30 @@ fn write_lat(
     ExitCode::SUCCESS
 }
 
+/// One round of `write-lat` for `s`-byte messages: round trips (ns) of the device, the fabric
+/// (poll mode; empty in interrupt mode) and the floor (shm, or eventfd in interrupt mode).
+fn lat_round(s: u64, iters: usize, inline: bool, interrupt: bool) -> Result<[Vec<u64>; 3], String> {
+    if interrupt {
+        let dev = write_lat_device_interrupt(s, iters)?;
+        let floor = write_lat_eventfd(iters).map_err(|e| format!("eventfd floor: {e}"))?;
+        Ok([dev, Vec::new(), floor])
+    } else {
+        let dev = write_lat_device(s, iters, inline)?;
+        let fabric = write_lat_fabric(s, iters, inline).map_err(|e| format!("path=fabric: {e}"))?;
+        Ok([dev, fabric, write_lat_shm(iters)])
+    }
+}
+
+/// The median of round trips, in ns.
+fn median_of(rtts: &[u64]) -> f64 {
+    let mut v = rtts.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0) as f64
+}
+
 /// One `write-bw` set-up, kept for its rounds.
 enum BwSetup {
-    Device(BwDevice),
+    Device(Box<BwDevice>),
     Fabric(BwFabric),
 }
 
@@ -456,7 +484,7 @@ fn write_bw(
     for &n in qps {
         for &b in batch {
             let set_up = BwDevice::new(size, n, b)
-                .map(BwSetup::Device)
+                .map(|d| BwSetup::Device(Box::new(d)))
                 .and_then(|d| Ok((d, BwSetup::Fabric(BwFabric::new(size, n, b)?))));
             match set_up {
                 Ok((d, f)) => setups.extend([(n, b, d), (n, b, f)]),
@@ -528,6 +556,7 @@ fn main() -> ExitCode {
             lat: LatArgs { size, all, iters },
             inline,
             completion,
+            rounds,
             roce,
             json,
         } => {
@@ -537,7 +566,15 @@ fn main() -> ExitCode {
                     Err(c) => c,
                 }
             } else {
-                write_lat(size, all, iters, inline, completion == "interrupt", json)
+                write_lat(
+                    size,
+                    all,
+                    iters,
+                    rounds,
+                    inline,
+                    completion == "interrupt",
+                    json,
+                )
             }
         }
         Test::ReadLat {
