@@ -364,7 +364,10 @@ pub struct SoftBackend {
     work: Work,
     /// An empty operation queue, lent to a QP whose queue is empty when WRs are posted and
     /// taken back when `pump_posted` leaves it empty again (see [`SoftBackend::send_slot`]).
-    spare_ops: VecDeque<ReqOp>,
+    /// On lines of its own: it changes on every post, and on the direct path the peers'
+    /// threads use the fields around it (`outbox`, `work`). Unpadded, it cost 0.06–0.1 µs per
+    /// half round trip of a 2-byte write-lat.
+    spare_ops: CachePadded<VecDeque<ReqOp>>,
 }
 
 impl std::fmt::Debug for SoftBackend {
@@ -392,7 +395,7 @@ impl SoftBackend {
             timers_changed: false,
             outbox: VecDeque::new(),
             work: Work::default(),
-            spare_ops: VecDeque::new(),
+            spare_ops: CachePadded::new(VecDeque::new()),
         }
     }
 
@@ -728,7 +731,7 @@ impl SoftBackend {
             // (ReqOps of ~180 B) to miss on per batch. Usually it comes back at once
             // (`pump_posted`, the direct path completes everything).
             debug_assert!(self.spare_ops.is_empty());
-            std::mem::swap(&mut qp.ops, &mut self.spare_ops);
+            std::mem::swap(&mut qp.ops, &mut *self.spare_ops);
         }
         qp.ops.push_back(ReqOp {
             wr: SendWr::default(),
@@ -745,7 +748,7 @@ impl SoftBackend {
         if let Some(qp) = self.qps.get_mut(&qpn) {
             if qp.ops.is_empty() {
                 // Both queues are empty: the spare (warm) one returns to the backend.
-                std::mem::swap(&mut qp.ops, &mut self.spare_ops);
+                std::mem::swap(&mut qp.ops, &mut *self.spare_ops);
                 // std's `clear` also moves the ring's head back to the buffer's start.
                 self.spare_ops.clear();
             }
