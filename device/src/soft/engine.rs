@@ -628,14 +628,14 @@ impl SoftBackend {
             return;
         };
         let src = self.port.gid();
+        // The peer's responses: completed while it is locked when they carry data, else
+        // after (no move of the list in between).
+        let mut replies: SmallVec<[Packet; 2]> = SmallVec::new();
         loop {
             let mut handed = 0;
             let mut progress = false;
-            // Responses that are plain ACKs/NAKs, completed after the peer is unlocked.
-            let mut acks: SmallVec<[Packet; 2]> = SmallVec::new();
             let scope = DirectScope::enter();
             let work = peer.with_engine(&mut |engine, peer_ops| {
-                let mut replies: SmallVec<[Packet; 2]> = SmallVec::new();
                 let Some(qp) = self.qps.get_mut(&qpn) else {
                     return;
                 };
@@ -651,23 +651,22 @@ impl SoftBackend {
                 engine.take_replies(src, qpn, &mut replies);
                 replies.extend(engine.take_direct_ack(peer_qpn));
                 progress = !replies.is_empty();
-                if replies.iter().all(|p| matches!(p.body, Body::Ack { .. })) {
-                    // No data: completed once the peer is unlocked and has raised its
-                    // interrupt, so that its woken guest does not wait for this completer.
-                    acks = replies;
-                    return;
-                }
-                // Completed while the peer is still locked: a READ response is copied from the
-                // peer's memory as the responder found it, before its guest can change it.
-                for pkt in replies.drain(..) {
-                    self.complete_response(ops, pkt);
+                // A response with data is completed while the peer is still locked: a READ
+                // response is copied from the peer's memory as the responder found it, before
+                // its guest can change it. Plain ACKs/NAKs wait until the peer is unlocked and
+                // has raised its interrupt, so that its woken guest does not wait for this
+                // completer.
+                if !replies.iter().all(|p| matches!(p.body, Body::Ack { .. })) {
+                    for pkt in replies.drain(..) {
+                        self.complete_response(ops, pkt);
+                    }
                 }
             });
             drop(scope);
             let Some(work) = work else {
                 break;
             };
-            for pkt in acks {
+            for pkt in replies.drain(..) {
                 self.complete_response(ops, pkt);
             }
             self.port.count_direct(handed);
