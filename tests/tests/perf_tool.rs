@@ -206,23 +206,42 @@ fn cli_rows_and_json_shape() {
         8,
     );
 
-    let v = run_json(&["write-bw", "-n", "2000", "--qps", "1,2", "--batch", "4"]);
-    let rows: Vec<(String, u64, u64)> = v
+    // By turns: every path's samples of all rounds, in the same lines.
+    let v = run_json(&["write-lat", "-n", "100", "--rounds", "3"]);
+    let rows: Vec<(&str, u64)> = v
         .iter()
         .map(|l| {
-            assert_eq!(field(l, "test"), "write_bw");
-            assert_eq!(field(l, "msgs"), 2000);
             (
-                field(l, "path").as_str().unwrap().to_string(),
-                field(l, "qps").as_u64().unwrap(),
-                field(l, "batch").as_u64().unwrap(),
+                field(l, "path").as_str().unwrap(),
+                field(l, "iters").as_u64().unwrap(),
             )
         })
         .collect();
-    let want: Vec<(String, u64, u64)> =
-        [("device", 1), ("fabric", 1), ("device", 2), ("fabric", 2)]
+    assert_eq!(rows, [("device", 300), ("fabric", 300), ("shm", 300)]);
+
+    for (extra, rounds) in [(&[][..], 1), (&["--rounds", "3", "--no-huge-pages"][..], 3)] {
+        let mut args = vec!["write-bw", "-n", "2000", "--qps", "1,2", "--batch", "4"];
+        args.extend(extra);
+        let v = run_json(&args);
+        let rows: Vec<(String, u64, u64)> = v
             .iter()
-            .map(|(p, q)| (p.to_string(), *q, 4))
+            .map(|l| {
+                assert_eq!(field(l, "test"), "write_bw");
+                assert_eq!(field(l, "msgs"), 2000);
+                assert_eq!(field(l, "rounds"), rounds, "{args:?}");
+                assert!(field(l, "msg_rate_mpps").as_f64().unwrap() > 0.0);
+                (
+                    field(l, "path").as_str().unwrap().to_string(),
+                    field(l, "qps").as_u64().unwrap(),
+                    field(l, "batch").as_u64().unwrap(),
+                )
+            })
             .collect();
-    assert_eq!(rows, want);
+        let want: Vec<(String, u64, u64)> =
+            [("device", 1), ("fabric", 1), ("device", 2), ("fabric", 2)]
+                .iter()
+                .map(|(p, q)| (p.to_string(), *q, 4))
+                .collect();
+        assert_eq!(rows, want, "{args:?}");
+    }
 }

@@ -479,27 +479,29 @@ fn write_bw(
         let mc = memcpy_bw(size as usize, 1 << 30) * 8.0 / 1e9;
         println!("# single-thread memcpy of {size} B buffers, same run: {mc:.2} Gb/s");
     }
-    // Device then fabric for each QP count and batch, in the order they are reported.
+    // Device then fabric for each QP count and batch, in the order they are reported. With one
+    // round each pair runs at once, without holding every set-up's memory.
     let mut setups = Vec::new();
     for &n in qps {
         for &b in batch {
-            let set_up = BwDevice::new(size, n, b)
-                .map(|d| BwSetup::Device(Box::new(d)))
-                .and_then(|d| Ok((d, BwSetup::Fabric(BwFabric::new(size, n, b)?))));
-            match set_up {
-                Ok((d, f)) => setups.extend([(n, b, d), (n, b, f)]),
+            let pair = BwDevice::new(size, n, b).and_then(|d| {
+                let f = BwFabric::new(size, n, b)?;
+                Ok([
+                    (n, b, BwSetup::Device(Box::new(d))),
+                    (n, b, BwSetup::Fabric(f)),
+                ])
+            });
+            let pair = match pair {
+                Ok(p) => p,
                 Err(e) => {
                     eprintln!("error: write-bw {n} QPs batch {b}: {e}");
                     return ExitCode::FAILURE;
                 }
-            }
-            if rounds == 1 {
-                // One run each: run and report now, not holding every set-up's memory.
-                let (_, _, f) = setups.pop().expect("just pushed");
-                let (_, _, d) = setups.pop().expect("just pushed");
-                if bw_report(vec![(n, b, d), (n, b, f)], iters, 1, json).is_err() {
-                    return ExitCode::FAILURE;
-                }
+            };
+            if rounds > 1 {
+                setups.extend(pair);
+            } else if bw_report(pair.into(), iters, 1, json).is_err() {
+                return ExitCode::FAILURE;
             }
         }
     }
