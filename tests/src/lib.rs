@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod fabric_path;
+pub mod irq_bw;
 pub mod migrate_bench;
 pub mod node;
 pub mod peer;

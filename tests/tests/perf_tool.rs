@@ -245,3 +245,66 @@ fn cli_rows_and_json_shape() {
         assert_eq!(rows, want, "{args:?}");
     }
 }
+
+#[test]
+fn write_bw_interrupt_sweeps_offered_load_and_moderation() {
+    let _g = serial();
+    let v = run_json(&[
+        "write-bw",
+        "--completion",
+        "interrupt",
+        "--qps",
+        "4",
+        "--batch",
+        "2",
+        "-n",
+        "2000",
+        "--offered",
+        "0,0.5",
+        "--moderation",
+        "0:0,4:50",
+    ]);
+    let rows: Vec<(f64, u64, u64)> = v
+        .iter()
+        .map(|l| {
+            assert_eq!(field(l, "test"), "write_bw");
+            assert_eq!(field(l, "completion"), "interrupt");
+            assert_eq!(field(l, "qps"), 4);
+            assert_eq!(field(l, "batch"), 2);
+            // Every message was received and handled (the run ends only then).
+            assert_eq!(field(l, "msgs"), 2000);
+            assert!(field(l, "msg_rate_mpps").as_f64().unwrap() > 0.0, "{l}");
+            assert!(field(l, "msgs_per_wakeup").as_f64().unwrap() >= 1.0, "{l}");
+            assert!(
+                field(l, "receiver_cpu_us_per_msg").as_f64().unwrap() > 0.0,
+                "{l}"
+            );
+            let (med, p99) = (
+                field(l, "delivery_median_us").as_f64().unwrap(),
+                field(l, "delivery_p99_us").as_f64().unwrap(),
+            );
+            assert!(med <= p99, "{l}");
+            (
+                field(l, "offered_mpps").as_f64().unwrap(),
+                field(l, "moderation_events").as_u64().unwrap(),
+                field(l, "moderation_usec").as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, [(0.0, 0, 0), (0.0, 4, 50), (0.5, 0, 0), (0.5, 4, 50)]);
+    // Several events without a timer could wait forever (ABI 12.3): refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_vrdma-perf"))
+        .args([
+            "write-bw",
+            "--completion",
+            "interrupt",
+            "--moderation",
+            "4:0",
+            "-n",
+            "10",
+        ])
+        .output()
+        .expect("run vrdma-perf");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a timer"));
+}

@@ -3,11 +3,14 @@
 //! (`path=fabric`) and physical floors measured in the same run.
 //!
 //! ```text
-//! vrdma-perf write-lat  [-s BYTES | -a] [-n ITERS] [--inline] [--completion poll|interrupt] [--json]
+//! vrdma-perf write-lat  [-s BYTES | -a] [-n ITERS] [--inline] [--completion poll|interrupt] [--rounds N] [--json]
 //! vrdma-perf send-lat   [-s BYTES | -a] [-n ITERS] [--inline] [--json]
 //! vrdma-perf read-lat   [-s BYTES | -a] [-n ITERS] [--json]
 //! vrdma-perf atomic-lat [-n ITERS] [--cmp-swap] [--json]
-//! vrdma-perf write-bw   [-s BYTES] [--qps LIST] [--batch LIST] [-n MSGS] [--json]
+//! vrdma-perf write-bw   [-s BYTES] [--qps LIST] [--batch LIST] [-n MSGS] [--rounds N] [--json]
+//! vrdma-perf write-bw   --completion interrupt [--qps LIST] [--batch LIST] [--offered LIST]
+//!                       [--moderation EVENTS:USEC,...] [-n MSGS] [--json]
+//! vrdma-perf --no-huge-pages <test> ...
 //! vrdma-perf idle       [--secs S] [--json]
 //! ```
 
@@ -159,6 +162,20 @@ enum Test {
         /// every set-up being compared.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
         rounds: u32,
+        /// `poll` (the sender busy-polls its send CQ) or `interrupt` (WRITE with immediate; the
+        /// receiving guest sleeps on its armed receive CQs' moderated interrupt; path=device
+        /// only).
+        #[arg(long, default_value = "poll", value_parser = ["poll", "interrupt"])]
+        completion: String,
+        /// Interrupt moderation of the receiving device, `EVENTS:USEC` (comma-separated list to
+        /// sweep): interrupt after EVENTS pending CQ notifications or when the oldest is USEC
+        /// µs old (`--completion interrupt`).
+        #[arg(long, default_value = "0:0,4:20,16:50,64:100", value_delimiter = ',', value_parser = parse_moderation)]
+        moderation: Vec<(u32, u32)>,
+        /// Offered load in million messages per second (`--completion interrupt`;
+        /// comma-separated list to sweep; 0: as fast as the receive queues allow).
+        #[arg(long, default_value = "0", value_delimiter = ',')]
+        offered: Vec<f64>,
         #[command(flatten)]
         roce: RoceOpts,
         /// One JSON object per line.
@@ -438,6 +455,84 @@ fn median_of(rtts: &[u64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0) as f64
 }
 
+/// `EVENTS:USEC`.
+fn parse_moderation(s: &str) -> Result<(u32, u32), String> {
+    let (e, u) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s}: expected EVENTS:USEC"))?;
+    let num = |x: &str| x.trim().parse::<u32>().map_err(|err| format!("{s}: {err}"));
+    Ok((num(e)?, num(u)?))
+}
+
+/// `write-bw --completion interrupt`: each QP count, batch, offered load and moderation setting
+/// in turn.
+fn write_bw_interrupt(
+    size: u64,
+    qps: &[u32],
+    batch: &[u32],
+    iters: u64,
+    moderation: &[(u32, u32)],
+    offered: &[f64],
+    json: bool,
+) -> ExitCode {
+    if !json {
+        println!("# vrdma-perf write-bw --completion interrupt: WRITE_WITH_IMM from one sender thread; the receiving guest sleeps on its armed receive CQs (one per QP)");
+        println!("# moderation EVENTS:USEC of the receiving device (ABI 12.3); delivery = post -> the receiver handling the CQE, wake-up included; rx cpu = receiving thread's CPU time per message");
+        println!(
+            " {:<8} {:<6} {:<6} {:<13} {:<11} {:<10} {:<11} {:<10} {:<11} {:<16} {:<14}",
+            "#bytes",
+            "qps",
+            "batch",
+            "offered[Mpps]",
+            "moderation",
+            "msgs",
+            "rate[Mpps]",
+            "msgs/wake",
+            "rx cpu[us]",
+            "delivery med[us]",
+            "delivery p99[us]"
+        );
+    }
+    for &n in qps {
+        for &b in batch {
+            for &o in offered {
+                for &m in moderation {
+                    let st = match vrdma_tests::irq_bw::write_bw_interrupt(size, n, b, iters, m, o)
+                    {
+                        Ok(st) => st,
+                        Err(e) => {
+                            eprintln!(
+                                "error: write-bw --completion interrupt {n} QPs batch {b} offered {o} moderation {}:{}: {e}",
+                                m.0, m.1
+                            );
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                    if json {
+                        println!("{}", serde_json::to_string(&st).unwrap_or_default());
+                    } else {
+                        println!(
+                            " {:<8} {:<6} {:<6} {:<13} {:<11} {:<10} {:<11.3} {:<10.1} {:<11.3} {:<16.1} {:<14.1}",
+                            st.bytes,
+                            st.qps,
+                            st.batch,
+                            o,
+                            format!("{}:{}", m.0, m.1),
+                            st.msgs,
+                            st.msg_rate_mpps,
+                            st.msgs_per_wakeup,
+                            st.receiver_cpu_us_per_msg,
+                            st.delivery_median_us,
+                            st.delivery_p99_us
+                        );
+                    }
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 /// One `write-bw` set-up, kept for its rounds.
 enum BwSetup {
     Device(Box<BwDevice>),
@@ -461,10 +556,6 @@ fn write_bw(
     rounds: u32,
     json: bool,
 ) -> ExitCode {
-    if size == 0 || size > 8 << 20 {
-        eprintln!("error: --size must be 1 ..= 8388608");
-        return ExitCode::FAILURE;
-    }
     if !json {
         println!("# vrdma-perf write-bw: one sender thread, two in-process guests");
         println!("# path=device: guest driver -> virtio-mmio -> device -> soft fabric -> peer guest memory");
@@ -689,11 +780,19 @@ fn main() -> ExitCode {
             batch,
             iters,
             rounds,
+            completion,
+            moderation,
+            offered,
             roce,
             json,
         } => {
             if roce.roce {
                 write_bw_roce(size, iters, &batch, &roce, json)
+            } else if size == 0 || size > 8 << 20 {
+                eprintln!("error: --size must be 1 ..= 8388608");
+                ExitCode::FAILURE
+            } else if completion == "interrupt" {
+                write_bw_interrupt(size, &qps, &batch, iters, &moderation, &offered, json)
             } else {
                 write_bw(size, &qps, &batch, iters, rounds, json)
             }
