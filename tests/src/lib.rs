@@ -99,7 +99,7 @@ pub struct Vm {
 static HUGE_PAGES: AtomicBool = AtomicBool::new(false);
 
 /// Whether harness guest memory made from now on asks for transparent huge pages, as a VMM
-/// does ([`vrdma_glue::memory::advise_huge_pages`]; the reference VMM always asks). Off by
+/// can ([`vrdma_glue::memory::advise_huge_pages`]; `vrdma-vmm --huge-pages`). Off by
 /// default: the test suite runs many guests that each touch a few pages of 256 MiB, and 2 MiB
 /// pages would make each touch 2 MiB resident. `vrdma-perf` turns it on.
 pub fn set_huge_pages(on: bool) {

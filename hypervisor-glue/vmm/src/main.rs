@@ -28,6 +28,11 @@ pub struct Args {
     /// Guest memory: a number of MiB, or with a suffix K, M or G (e.g. 512, 1G).
     #[arg(long, default_value = "512M", value_parser = parse_size)]
     pub memory: u64,
+    /// Back guest memory with transparent huge pages (madvise). Recommended on a KVM host for
+    /// guests with many QPs (docs/embedding.md); off by default, and off in the nested test
+    /// (KVM inside QEMU TCG), where it has not been shown safe.
+    #[arg(long)]
+    pub huge_pages: bool,
     /// Number of vCPUs (1..=32).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,

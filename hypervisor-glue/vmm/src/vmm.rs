@@ -134,10 +134,12 @@ pub fn run(args: &Args) -> Result<u8, Error> {
         .collect();
     let mem =
         Arc::new(GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?);
-    // Transparent huge pages where the host allows them (rings and buffers of many QPs
-    // outgrow the TLB's reach with 4 KiB pages); advice only, so a refusal is not fatal.
-    if let Err(e) = vrdma_glue::memory::advise_huge_pages(&mem) {
-        tracing::warn!("guest memory without huge pages: {e}");
+    // Transparent huge pages if asked (rings and buffers of many QPs outgrow the TLB's reach
+    // with 4 KiB pages); advice only, so a refusal is not fatal.
+    if args.huge_pages {
+        if let Err(e) = vrdma_glue::memory::advise_huge_pages(&mem) {
+            tracing::warn!("guest memory without huge pages: {e}");
+        }
     }
     // KVM keeps pointers into the mapping until the process exits.
     std::mem::forget(mem.clone());

@@ -29,8 +29,8 @@ use vrdma_tests::roce_perf;
 struct Cli {
     #[command(subcommand)]
     test: Test,
-    /// Guest memory without transparent huge pages (by default it asks for them, as the
-    /// reference VMM and Cloud Hypervisor do; the memcpy floor uses the same memory).
+    /// Guest memory without transparent huge pages (by default it asks for them, as Cloud
+    /// Hypervisor does and `vrdma-vmm --huge-pages` can; the memcpy floor uses the same memory).
     #[arg(long, global = true)]
     no_huge_pages: bool,
 }
