@@ -59,6 +59,10 @@ pub struct IrqBwStats {
     pub msgs: u64,
     /// Million messages per second (first post to last receive handled).
     pub msg_rate_mpps: f64,
+    /// Gigabits per second of payload.
+    pub bw_gbps: f64,
+    /// Time from the first post to the receiver handling the first completion, µs.
+    pub first_completion_us: f64,
     /// Messages handled per wake-up of the receiving thread (a return of `wait_event` with
     /// events: it slept unless an event was already pending).
     pub msgs_per_wakeup: f64,
@@ -199,6 +203,8 @@ fn thread_cpu() -> Duration {
 /// What the receiving thread counted.
 struct Received {
     wakeups: u64,
+    /// When the first receive completion was handled.
+    first: Option<Instant>,
     /// CPU time of the receiving thread.
     cpu: Duration,
     delivery_us: Vec<u32>,
@@ -216,6 +222,7 @@ fn receive(
     let mut cqes = [Cqe::default(); 64];
     let mut got = 0u64;
     let mut wakeups = 0u64;
+    let mut first_seen = None;
     let mut delivery_us = Vec::with_capacity(msgs as usize);
     let recvs: Vec<RecvWr> = (0..RQ_DEPTH as u64).map(|i| RecvWr::new(i, &[])).collect();
     let mut fired: Vec<usize> = Vec::new();
@@ -255,6 +262,7 @@ fn receive(
                 if k == 0 {
                     break;
                 }
+                first_seen.get_or_insert_with(Instant::now);
                 let now_us = start.elapsed().as_micros() as u32;
                 for c in &cqes[..k] {
                     if c.status != WC_SUCCESS || c.opcode != abi::WC_OP_RECV_RDMA_WITH_IMM {
@@ -281,6 +289,7 @@ fn receive(
     }
     Ok(Received {
         wakeups,
+        first: first_seen,
         cpu: thread_cpu().saturating_sub(cpu0),
         delivery_us,
         end: Instant::now(),
@@ -345,6 +354,8 @@ pub fn write_bw_interrupt(
         offered_mpps,
         msgs,
         msg_rate_mpps: msgs as f64 / secs / 1e6,
+        bw_gbps: (msgs * size) as f64 * 8.0 / secs / 1e9,
+        first_completion_us: got.first.map_or(0.0, |t| (t - start).as_secs_f64() * 1e6),
         msgs_per_wakeup: msgs as f64 / got.wakeups.max(1) as f64,
         receiver_cpu_us_per_msg: got.cpu.as_secs_f64() * 1e6 / msgs.max(1) as f64,
         delivery_median_us: at(0.5),

@@ -274,6 +274,11 @@ fn write_bw_interrupt_sweeps_offered_load_and_moderation() {
             // Every message was received and handled (the run ends only then).
             assert_eq!(field(l, "msgs"), 2000);
             assert!(field(l, "msg_rate_mpps").as_f64().unwrap() > 0.0, "{l}");
+            assert!(field(l, "bw_gbps").as_f64().unwrap() > 0.0, "{l}");
+            assert!(
+                field(l, "first_completion_us").as_f64().unwrap() > 0.0,
+                "{l}"
+            );
             assert!(field(l, "msgs_per_wakeup").as_f64().unwrap() >= 1.0, "{l}");
             assert!(
                 field(l, "receiver_cpu_us_per_msg").as_f64().unwrap() > 0.0,
