@@ -22,12 +22,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vm_memory::GuestAddress;
 use vrdma_abi::{self as abi, Cqe, ACCESS_ALL, WC_SUCCESS};
 use vrdma_device::soft::SoftFabric;
-use vrdma_guest::{Cq, Driver, GuestAlloc, Layout, Qp, QpInitAttr, RecvWr, SendWr};
+use vrdma_guest::{Cq, Driver, Layout, Qp, QpInitAttr, RecvWr, SendWr};
 
-use crate::{Vm, ALLOC_BASE, GUEST_RAM};
+use crate::Vm;
 
 /// Receives posted per QP (and the most a QP may have outstanding beyond them).
 pub const RQ_DEPTH: u32 = 256;
@@ -101,18 +100,13 @@ fn e(e: vrdma_guest::Error) -> String {
 
 fn guest(fabric: &Arc<SoftFabric>, id: u32) -> Result<(Vm, Driver), String> {
     let vm = Vm::new(fabric, id);
-    let d = Driver::probe(
-        vm.port(),
-        vm.mem.clone(),
-        GuestAlloc::new(GuestAddress(ALLOC_BASE), GUEST_RAM - ALLOC_BASE),
-    )
-    .map_err(e)?;
+    let d = vm.driver()?;
     Ok((vm, d))
 }
 
 fn set_up(size: u64, qps: u32, batch: u32) -> Result<(Arc<SoftFabric>, Sender, Receiver), String> {
     let fabric = SoftFabric::new();
-    let sq_depth = (2 * batch).next_power_of_two().max(16);
+    let sq_depth = crate::perf::BwRun::sq_depth(batch);
     let (vm_a, a) = guest(&fabric, 1)?;
     let pd_a = a.alloc_pd().map_err(e)?;
     let buf_a = a.alloc_buffer(size.max(64), Layout::Any).map_err(e)?;
@@ -374,7 +368,7 @@ fn send(
     credits: &[AtomicU64],
 ) -> Result<(), String> {
     let qps = s.qps.len();
-    let sq_depth = (2 * batch).next_power_of_two().max(16);
+    let sq_depth = crate::perf::BwRun::sq_depth(batch);
     let mut posted = vec![0u64; qps];
     let mut in_sq = vec![0u32; qps];
     let mut total = 0u64;

@@ -145,6 +145,17 @@ impl Vm {
         }
     }
 
+    /// The guest driver, probed over this guest's MMIO port, allocating from `ALLOC_BASE` to the
+    /// end of `GUEST_RAM`.
+    pub fn driver(&self) -> Result<vrdma_guest::Driver, String> {
+        vrdma_guest::Driver::probe(
+            self.port(),
+            self.mem.clone(),
+            vrdma_guest::GuestAlloc::new(GuestAddress(ALLOC_BASE), GUEST_RAM - ALLOC_BASE),
+        )
+        .map_err(|e| e.to_string())
+    }
+
     /// The guest's MMIO port, for the driver.
     pub fn port(&self) -> MmioPort {
         MmioPort::new(self.transport.clone()).expect("mmio port")

@@ -17,12 +17,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vm_memory::GuestAddress;
 use vrdma_abi::{Cqe, ACCESS_ALL, ACCESS_LOCAL_WRITE, WC_SUCCESS};
 use vrdma_device::soft::SoftFabric;
-use vrdma_guest::{Driver, GuestAlloc, Layout, QpInitAttr, RecvWr, SendWr};
+use vrdma_guest::{Driver, Layout, QpInitAttr, RecvWr, SendWr};
 
-use crate::{Vm, ALLOC_BASE, GUEST_RAM};
+use crate::Vm;
 
 /// One line of `vrdma-perf migrate --json`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -70,16 +69,8 @@ pub fn migrate_bench(qps: u32, mrs: u32) -> Result<MigrateStats, String> {
     let fabric = SoftFabric::new();
     let a_vm = Vm::new(&fabric, 1);
     let b_vm = Vm::new(&fabric, 2);
-    let probe = |vm: &Vm| {
-        Driver::probe(
-            vm.port(),
-            vm.mem.clone(),
-            GuestAlloc::new(GuestAddress(ALLOC_BASE), GUEST_RAM - ALLOC_BASE),
-        )
-        .map_err(e)
-    };
-    let mut da = probe(&a_vm)?;
-    let db = probe(&b_vm)?;
+    let mut da = a_vm.driver()?;
+    let db = b_vm.driver()?;
     let (pa, pb) = (da.alloc_pd().map_err(e)?, db.alloc_pd().map_err(e)?);
     let mut abuf = da.alloc_buffer(64 * qps as u64, Layout::Any).map_err(e)?;
     let amr = da.reg_mr(pa, &abuf, ACCESS_ALL).map_err(e)?;

@@ -23,7 +23,7 @@ use vm_memory::GuestAddress;
 use vrdma_abi::{self as abi, Cqe, Gid, ACCESS_ALL, WC_SUCCESS};
 use vrdma_device::backend::Completion;
 use vrdma_device::soft::SoftFabric;
-use vrdma_guest::{Buffer, Cq, Driver, GuestAlloc, Layout, Mr, Qp, QpInitAttr, RecvWr, SendWr};
+use vrdma_guest::{Buffer, Cq, Driver, Layout, Mr, Qp, QpInitAttr, RecvWr, SendWr};
 
 use crate::fabric_path::{bare_pair, write_wr, BareEndpoint};
 use crate::{Vm, ALLOC_BASE, GUEST_RAM};
@@ -178,12 +178,7 @@ pub fn rc_pair(size: u64, max_inline: u32) -> Result<(Arc<SoftFabric>, Side, Sid
     let fabric = SoftFabric::new();
     let mk = |id: u32| -> Result<Side, String> {
         let vm = Vm::new(&fabric, id);
-        let d = Driver::probe(
-            vm.port(),
-            vm.mem.clone(),
-            GuestAlloc::new(GuestAddress(ALLOC_BASE), GUEST_RAM - ALLOC_BASE),
-        )
-        .map_err(|e| e.to_string())?;
+        let d = vm.driver()?;
         let pd = d.alloc_pd().map_err(|e| e.to_string())?;
         let buf = d
             .alloc_buffer(2 * size.max(64), Layout::Any)
@@ -502,12 +497,7 @@ pub fn multi_pair(qps: u32, size: u64, sq_depth: u32) -> Result<MultiPair, Strin
     let e = |e: vrdma_guest::Error| e.to_string();
     let mk = |id: u32| -> Result<MultiSide, String> {
         let vm = Vm::new(&fabric, id);
-        let d = Driver::probe(
-            vm.port(),
-            vm.mem.clone(),
-            GuestAlloc::new(GuestAddress(ALLOC_BASE), GUEST_RAM - ALLOC_BASE),
-        )
-        .map_err(e)?;
+        let d = vm.driver()?;
         let pd = d.alloc_pd().map_err(e)?;
         let buf = d.alloc_buffer(slot * qps as u64, Layout::Any).map_err(e)?;
         let mr = d.reg_mr(pd, &buf, ACCESS_ALL).map_err(e)?;
@@ -613,7 +603,7 @@ impl BwDevice {
 
 /// The bookkeeping of a `write-bw` loop, shared by its paths: `qps` QP pairs round robin,
 /// `batch` WRs per post with the last one signaled, at most two batches in flight per QP.
-struct BwRun {
+pub(crate) struct BwRun {
     batch: u32,
     sq_depth: u32,
     msgs: u64,
@@ -628,7 +618,7 @@ struct BwRun {
 impl BwRun {
     /// The SQ depth for `batch`: two batches in flight per QP keep the pipe full without
     /// overrunning the SQ.
-    fn sq_depth(batch: u32) -> u32 {
+    pub(crate) fn sq_depth(batch: u32) -> u32 {
         (2 * batch.max(1)).next_power_of_two().max(16)
     }
 

@@ -7,16 +7,15 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use vm_memory::GuestAddress;
 use vrdma_abi as abi;
 use vrdma_abi::Gid;
 pub use vrdma_device::soft::wire::udp_socket;
 use vrdma_device::soft::wire::{gid_from_ip, Faults, WireConfig, WireGateway};
 use vrdma_device::soft::SoftFabric;
 use vrdma_device::DeviceConfig;
-use vrdma_guest::{Buffer, Cq, Driver, GuestAlloc, Layout, Mr, Pd, Qp, QpInitAttr, RcParams};
+use vrdma_guest::{Buffer, Cq, Driver, Layout, Mr, Pd, Qp, QpInitAttr, RcParams};
 
-use crate::{Vm, ALLOC_BASE, GUEST_RAM};
+use crate::Vm;
 
 /// One guest with its own fabric and gateway.
 pub struct WireNode {
@@ -54,12 +53,7 @@ pub fn wire_node_with(cfg: WireConfig, buf_len: u64) -> Result<WireNode, String>
         .attach_wire(cfg)
         .map_err(|e| format!("gateway: {e}"))?;
     let vm = Vm::with_config(&fabric, DeviceConfig::with_gid(gid));
-    let d = Driver::probe(
-        vm.port(),
-        vm.mem.clone(),
-        GuestAlloc::new(GuestAddress(ALLOC_BASE), GUEST_RAM - ALLOC_BASE),
-    )
-    .map_err(|e| e.to_string())?;
+    let d = vm.driver()?;
     let d = Arc::new(d);
     let e = |e: vrdma_guest::Error| e.to_string();
     let pd = d.alloc_pd().map_err(e)?;
