@@ -2,26 +2,23 @@
 //!
 //! Every write the device makes into guest memory (CQEs, receive data, inbound WRITEs, READ
 //! responses, atomic results, ring indices, event-queue entries) goes through vm-memory's
-//! volatile accessors, which record the written pages in each region's [`AtomicBitmap`]. A VMM's
-//! iterative copy loop reads and clears that log with [`take`] and copies the pages it names with
-//! [`copy_pages`]; the final round runs after the device is stopped, so the destination image is
-//! identical (see `docs/migration.md`).
+//! volatile accessors, which report the written pages to each region's
+//! [`DirtyBitmap`](vrdma_memory::DirtyBitmap). The log runs only between [`start`] and [`stop`]:
+//! outside a migration a write pays no logging (see [`vrdma_memory`]). A VMM's iterative copy
+//! loop calls [`start`], copies all of memory ([`copy_all`]), then reads and clears the log with
+//! [`take`] and copies the pages it names with [`copy_pages`]; the final round runs after the
+//! device is stopped, so the destination image is identical (see `docs/migration.md`).
 //!
 //! Under KVM the guest's own CPU writes are logged by KVM (`KVM_GET_DIRTY_LOG`); a VMM ORs both
 //! logs. In the in-process test harness the guest driver writes through the same memory object,
 //! so this log covers its writes too.
-//!
-//! [`AtomicBitmap`]: vm_memory::bitmap::AtomicBitmap
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vrdma_memory::region_bitmap;
+
+pub use vrdma_memory::BarrierError;
 
 use crate::GuestMemoryMmap;
-
-/// The whole bitmap of a region (not a slice of it).
-fn region_bitmap(r: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
-    std::ops::Deref::deref(r).bitmap()
-}
 
 /// Dirty pages of one memory region: bit `i` of word `i / 64` covers the page at
 /// `start + i * page_size`.
@@ -52,12 +49,23 @@ impl RegionLog {
 /// A dirty log of a whole guest memory, region by region.
 pub type DirtyLog = Vec<RegionLog>;
 
-/// Starts a logging round: clears every region's bitmap. Pages written afterwards are logged.
-/// The first pre-copy round copies all of memory after this call.
-pub fn start(mem: &GuestMemoryMmap) {
-    for r in mem.iter() {
-        region_bitmap(r).reset();
-    }
+/// Starts logging: switches every region's log on and clears it. Pages written afterwards are
+/// logged; a write this misses happened before it returned and is in the memory a copy made
+/// now reads. The first pre-copy round copies all of memory after this call. An error means
+/// the process-wide barrier that gives this guarantee is unavailable (logging is on
+/// regardless).
+pub fn start(mem: &GuestMemoryMmap) -> Result<(), BarrierError> {
+    vrdma_memory::start_logging(mem)
+}
+
+/// Stops logging (the migration finished or was given up). Writes are no longer logged.
+pub fn stop(mem: &GuestMemoryMmap) {
+    vrdma_memory::stop_logging(mem);
+}
+
+/// Whether the log of `mem` is on.
+pub fn is_logging(mem: &GuestMemoryMmap) -> bool {
+    vrdma_memory::is_logging(mem)
 }
 
 /// Takes the log: returns the pages written since the previous call (or [`start`]) and clears
@@ -131,7 +139,7 @@ mod tests {
             .unwrap()
         };
         let (src, dst) = (mk(), mk());
-        start(&src);
+        start(&src).unwrap();
         src.write_obj(0xdead_beefu32, GuestAddress(0x2004)).unwrap();
         src.write_slice(&[7u8; 10], GuestAddress(0x100ffc)).unwrap();
         let log = take(&src);

@@ -9,11 +9,12 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
+use vm_memory::bitmap::{Bitmap, BS};
 use vm_memory::{
     AtomicAccess, ByteValued, Bytes, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
     VolatileMemory,
 };
+use vrdma_memory::DirtyBitmap;
 
 use crate::GuestMemoryMmap;
 
@@ -25,7 +26,7 @@ fn region_of(
     mem: &GuestMemoryMmap,
     gpa: u64,
     len: u64,
-) -> Option<(&GuestRegionMmap<AtomicBitmap>, usize)> {
+) -> Option<(&GuestRegionMmap<DirtyBitmap>, usize)> {
     let end = gpa.checked_add(len)?;
     mem.iter().find_map(|r| {
         let start = r.start_addr().0;
@@ -70,7 +71,7 @@ pub fn slice(
     mem: &GuestMemoryMmap,
     gpa: u64,
     len: usize,
-) -> Option<vm_memory::VolatileSlice<'_, BS<'_, AtomicBitmap>>> {
+) -> Option<vm_memory::VolatileSlice<'_, BS<'_, DirtyBitmap>>> {
     let (r, off) = region_of(mem, gpa, len as u64)?;
     std::ops::Deref::deref(r).get_slice(off, len).ok()
 }
@@ -81,7 +82,7 @@ fn with_slice<R>(
     mem: &GuestMemoryMmap,
     gpa: u64,
     len: usize,
-    f: impl FnOnce(vm_memory::VolatileSlice<'_, BS<'_, AtomicBitmap>>) -> Option<R>,
+    f: impl FnOnce(vm_memory::VolatileSlice<'_, BS<'_, DirtyBitmap>>) -> Option<R>,
 ) -> Option<R> {
     f(slice(mem, gpa, len)?)
 }

@@ -35,6 +35,6 @@ pub use error::{ActivateError, DeviceError};
 pub use interrupt::{EventFdInterrupt, Interrupt, InterruptKind};
 pub use persist::{MigrationError, MigrationState, PrecopyState};
 
-/// Guest memory as the device sees it: mmap-backed, with a dirty bitmap so that every write the
-/// device makes is visible to a VMM's migration loop.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// Guest memory as the device sees it: mmap-backed, with a dirty log that records every write the
+/// device makes while a VMM's migration loop has logging on ([`dirty::start`]).
+pub use vrdma_memory::GuestMemoryMmap;

@@ -7,11 +7,12 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::bitmap::BS;
 use vm_memory::{
     Address, AtomicAccess, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError,
     GuestMemoryRegion, VolatileMemory, VolatileSlice,
 };
+use vrdma_memory::DirtyBitmap;
 
 use crate::GuestMemoryMmap;
 
@@ -21,7 +22,7 @@ pub(crate) fn slice(
     mem: &GuestMemoryMmap,
     gpa: GuestAddress,
     len: usize,
-) -> Result<VolatileSlice<'_, BS<'_, AtomicBitmap>>, GuestMemoryError> {
+) -> Result<VolatileSlice<'_, BS<'_, DirtyBitmap>>, GuestMemoryError> {
     let a = gpa.raw_value();
     let found = a.checked_add(len as u64).and_then(|end| {
         mem.iter().find_map(|r| {

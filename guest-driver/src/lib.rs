@@ -105,8 +105,8 @@ pub use verbs::{
 pub use vrdma_abi as abi;
 pub use vrdma_abi::{Cqe, Event, Gid, Sge};
 
-/// Guest memory as the driver (and the device) see it: mmap-backed with a dirty bitmap.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// Guest memory as the driver (and the device) see it: mmap-backed with a switchable dirty log.
+pub use vrdma_memory::GuestMemoryMmap;
 
 #[cfg(test)]
 mod send_sync {

@@ -290,7 +290,7 @@ impl Vm {
     /// complete).
     pub fn precopy_with(&self, device_precopy: bool) -> Precopy<'_> {
         let dst = Arc::new(memory_like(&self.mem));
-        vrdma_device::dirty::start(&self.mem);
+        vrdma_device::dirty::start(&self.mem).expect("dirty log start");
         let bytes = vrdma_device::dirty::copy_all(&self.mem, &dst);
         let mut times = MigrateTimes {
             precopy_bytes: bytes,

@@ -236,7 +236,7 @@ impl Node {
                     _ => return Err("no node".into()),
                 };
                 // Start the dirty log, then copy every non-zero page while the guest runs.
-                vrdma_device::dirty::start(&mem);
+                vrdma_device::dirty::start(&mem).map_err(|e| e.to_string())?;
                 let mut f = std::io::BufWriter::new(
                     std::fs::File::create(&path).map_err(|e| e.to_string())?,
                 );
