@@ -64,14 +64,13 @@ pub fn copy(
     true
 }
 
+/// A volatile slice of guest memory, with its dirty log.
+pub type GuestSlice<'a> = vm_memory::VolatileSlice<'a, BS<'a, DirtyBitmap>>;
+
 /// The volatile slice `[gpa, gpa + len)` of the one region that holds all of it (dirty
 /// tracking included); `None` if no region does.
 #[inline]
-pub fn slice(
-    mem: &GuestMemoryMmap,
-    gpa: u64,
-    len: usize,
-) -> Option<vm_memory::VolatileSlice<'_, BS<'_, DirtyBitmap>>> {
+pub fn slice(mem: &GuestMemoryMmap, gpa: u64, len: usize) -> Option<GuestSlice<'_>> {
     let (r, off) = region_of(mem, gpa, len as u64)?;
     std::ops::Deref::deref(r).get_slice(off, len).ok()
 }
@@ -82,7 +81,7 @@ fn with_slice<R>(
     mem: &GuestMemoryMmap,
     gpa: u64,
     len: usize,
-    f: impl FnOnce(vm_memory::VolatileSlice<'_, BS<'_, DirtyBitmap>>) -> Option<R>,
+    f: impl FnOnce(GuestSlice<'_>) -> Option<R>,
 ) -> Option<R> {
     f(slice(mem, gpa, len)?)
 }

@@ -959,15 +959,24 @@ impl State {
         };
         let max_qp = self.core.cfg.max_qp;
         let max_cq = self.core.cfg.max_cq;
-        let sq_base = db + abi::DB_SQ_BITMAP_OFFSET;
-        for (word, bit) in take_bits(&mem, db + abi::DB_SQ_SUMMARY_OFFSET, sq_base, max_qp) {
+        let cq_base = abi::db_cq_bitmap_offset(max_qp);
+        // Both bitmaps and their summaries in one slice: one region lookup per entry. The
+        // area was checked to lie in one region when it was registered (and on restore).
+        let area = gm::slice(&mem, db, (cq_base + abi::bitmap_bytes(max_cq)) as usize);
+        let sq = take_bits(
+            area.as_ref(),
+            abi::DB_SQ_SUMMARY_OFFSET,
+            abi::DB_SQ_BITMAP_OFFSET,
+            max_qp,
+        );
+        let cq = take_bits(area.as_ref(), abi::DB_CQ_SUMMARY_OFFSET, cq_base, max_cq);
+        for (word, bit) in sq {
             let index = word * 64 + bit;
             if let Some((qpn, _)) = self.core.qps.by_index(index) {
                 self.process_sq(qpn);
             }
         }
-        let cq_base = db + abi::db_cq_bitmap_offset(max_qp);
-        for (word, bit) in take_bits(&mem, db + abi::DB_CQ_SUMMARY_OFFSET, cq_base, max_cq) {
+        for (word, bit) in cq {
             self.core.process_arm(word * 64 + bit);
         }
         self.settle();
@@ -1163,27 +1172,22 @@ impl State {
     }
 }
 
-/// Atomically takes (clears) the set bits of a doorbell bitmap covering indices `0..=max`,
-/// visiting only the words its summary word flags: summary first, then each flagged word, both
-/// with an atomic exchange (ABI §8.3). A driver sets the word bit before the summary bit, so a
-/// bit set after our summary exchange leaves its summary bit set for the next scan.
+/// Atomically takes (clears) the set bits of a doorbell bitmap covering indices `0..=max` at
+/// byte `base` of the doorbell `area`, visiting only the words its summary word (at byte
+/// `summary` of the area) flags: summary first, then each flagged word, both with an atomic
+/// exchange (ABI §8.3). A driver sets the word bit before the summary bit, so a bit set after
+/// our summary exchange leaves its summary bit set for the next scan.
 fn take_bits(
-    mem: &GuestMemoryMmap,
-    summary_at: u64,
+    area: Option<&gm::GuestSlice<'_>>,
+    summary: u64,
     base: u64,
     max: u32,
 ) -> smallvec::SmallVec<[(u32, u32); 8]> {
     let mut out = smallvec::SmallVec::new();
-    let words = abi::bitmap_bytes(max) / 8;
-    // The doorbell area was checked to lie in one region when it was registered.
-    let (Some(sum), Some(slice)) = (
-        gm::slice(mem, summary_at, 8),
-        gm::slice(mem, base, (words * 8) as usize),
-    ) else {
+    let Some(area) = area else {
         return out;
     };
-    let sum_slice = sum;
-    let Ok(sum) = sum_slice.get_atomic_ref::<AtomicU64>(0) else {
+    let Ok(sum) = area.get_atomic_ref::<AtomicU64>(summary as usize) else {
         return out;
     };
     if sum.load(Ordering::Relaxed) == 0 {
@@ -1192,16 +1196,18 @@ fn take_bits(
     let mut flagged = sum.swap(0, Ordering::AcqRel);
     // Atomic references bypass vm-memory's dirty log: record the cleared words by hand, so a
     // pre-copy round sees them (docs/migration.md).
-    sum_slice.bitmap().mark_dirty(0, 8);
+    area.bitmap().mark_dirty(summary as usize, 8);
+    let words = abi::bitmap_bytes(max) / 8;
     while flagged != 0 {
         let first = flagged.trailing_zeros() as u64;
         flagged &= flagged - 1;
         let mut w = first;
         while w < words {
-            if let Ok(cell) = slice.get_atomic_ref::<AtomicU64>((w * 8) as usize) {
+            let at = (base + w * 8) as usize;
+            if let Ok(cell) = area.get_atomic_ref::<AtomicU64>(at) {
                 if cell.load(Ordering::Relaxed) != 0 {
                     let mut bits = cell.swap(0, Ordering::AcqRel);
-                    slice.bitmap().mark_dirty((w * 8) as usize, 8);
+                    area.bitmap().mark_dirty(at, 8);
                     while bits != 0 {
                         let b = bits.trailing_zeros();
                         bits &= bits - 1;

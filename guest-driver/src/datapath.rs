@@ -442,12 +442,13 @@ impl Driver {
             .ok_or(Error::InvalidArgument(
                 "doorbell bit outside the doorbell area",
             ))?;
-        let slice = crate::gmem::slice(&self.mem, self.db.gpa.unchecked_add(off), 8)?;
-        let word = slice.get_atomic_ref::<AtomicU64>(0)?;
+        // The word and its summary (at the area's start) in one slice: one region lookup.
+        let area = crate::gmem::slice(&self.mem, self.db.gpa, (off + 8) as usize)?;
+        let word = area.get_atomic_ref::<AtomicU64>(off as usize)?;
         let bit = 1u64 << (index % 64);
         let old = word.fetch_or(bit, Ordering::SeqCst);
         // Keep the dirty log honest (a real guest's write would be logged by the hypervisor).
-        slice.bitmap().mark_dirty(0, 8);
+        area.bitmap().mark_dirty(off as usize, 8);
         if old & bit != 0 {
             return Ok(true);
         }
@@ -457,10 +458,9 @@ impl Driver {
         } else {
             abi::DB_CQ_SUMMARY_OFFSET
         };
-        let sslice = crate::gmem::slice(&self.mem, self.db.gpa.unchecked_add(summary), 8)?;
-        let sword = sslice.get_atomic_ref::<AtomicU64>(0)?;
+        let sword = area.get_atomic_ref::<AtomicU64>(summary as usize)?;
         sword.fetch_or(abi::db_summary_bit(index as u64 / 64), Ordering::SeqCst);
-        sslice.bitmap().mark_dirty(0, 8);
+        area.bitmap().mark_dirty(summary as usize, 8);
         Ok(false)
     }
 
