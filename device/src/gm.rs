@@ -99,12 +99,6 @@ pub fn read_bytes(mem: &GuestMemoryMmap, gpa: u64, buf: &mut [u8]) -> bool {
     with_slice(mem, gpa, len, |s| s.read_slice(buf, 0).ok()).is_some()
 }
 
-/// Writes `bytes` at `gpa` (recorded in the dirty bitmap).
-#[inline]
-pub fn write_bytes(mem: &GuestMemoryMmap, gpa: u64, bytes: &[u8]) -> bool {
-    with_slice(mem, gpa, bytes.len(), |s| s.write_slice(bytes, 0).ok()).is_some()
-}
-
 /// Atomic load of a naturally aligned `T` at `gpa`.
 #[inline]
 pub fn load<T: AtomicAccess>(mem: &GuestMemoryMmap, gpa: u64, order: Ordering) -> Option<T> {
@@ -152,9 +146,9 @@ mod tests {
         assert_eq!(read_obj::<u32>(&mem, 0x10), Some(7));
         // Straddles the two regions: refused, as an out-of-bounds access would be.
         assert_eq!(read_obj::<u64>(&mem, 0xffc), None);
-        assert!(!write_bytes(&mem, 0xffe, &[1, 2, 3, 4]));
+        assert!(slice(&mem, 0xffe, 4).is_none());
         assert!(!read_bytes(&mem, 0x2000, &mut [0u8; 1]));
-        assert!(write_bytes(&mem, 0x1000, &[9; 4]));
+        slice(&mem, 0x1000, 4).unwrap().copy_from(&[9u8; 4]);
         let mut b = [0u8; 4];
         assert!(read_bytes(&mem, 0x1000, &mut b));
         assert_eq!(b, [9; 4]);

@@ -473,15 +473,13 @@ impl Core {
             owner: abi::cqe_owner(pos, cq.ring.depth),
             ..Default::default()
         };
-        let slot = cq.ring.slot(pos);
-        let bytes = cqe.as_slice();
-        gm::write_bytes(mem, slot, &bytes[..abi::CQE_OWNER_OFFSET as usize]);
-        gm::store(
-            mem,
-            slot + abi::CQE_OWNER_OFFSET,
-            cqe.owner,
-            Ordering::Release,
-        );
+        // The slot in one slice: bytes 0..63, then the owner byte (release). Ring pages were
+        // validated at creation; a failure means the memory map changed, and nothing is written.
+        if let Some(s) = gm::slice(mem, cq.ring.slot(pos), abi::CQE_SIZE as usize) {
+            let bytes = cqe.as_slice();
+            let _ = s.write_slice(&bytes[..abi::CQE_OWNER_OFFSET as usize], 0);
+            let _ = s.store(cqe.owner, abi::CQE_OWNER_OFFSET as usize, Ordering::Release);
+        }
         cq.prod = pos.wrapping_add(1);
         cq.ring.set_prod(mem, cq.prod);
         let sol = c.solicited || c.status != abi::WC_SUCCESS;

@@ -303,15 +303,6 @@ impl Driver {
         Ok(())
     }
 
-    /// Reads a `T` at `gpa`, like [`Driver::write_guest`].
-    #[inline]
-    fn read_guest<T: vm_memory::ByteValued>(&self, gpa: vm_memory::GuestAddress) -> Result<T> {
-        match crate::gmem::slice(&self.mem, gpa, std::mem::size_of::<T>()) {
-            Ok(s) => Ok(s.read_obj(0)?),
-            Err(_) => Ok(crate::gmem::read_obj(&self.mem, gpa)?),
-        }
-    }
-
     /// Free slots of an SQ/RQ: depth − (prod − header.cons). A consumer index that is ahead of
     /// the producer (a device bug) leaves no free slot.
     #[inline]
@@ -343,19 +334,20 @@ impl Driver {
         let mut n = 0;
         let mut err_qpn = None;
         while n < out.len() {
-            let slot = cq.ring.slot_gpa(cq.cons);
-            let owner: u8 = match crate::gmem::load(
-                &self.mem,
-                slot.unchecked_add(abi::CQE_OWNER_OFFSET),
-                Ordering::Acquire,
-            ) {
+            // The slot in one slice: owner byte (acquire), then the CQE.
+            let Ok(s) =
+                crate::gmem::slice(&self.mem, cq.ring.slot_gpa(cq.cons), abi::CQE_SIZE as usize)
+            else {
+                break;
+            };
+            let owner: u8 = match s.load(abi::CQE_OWNER_OFFSET as usize, Ordering::Acquire) {
                 Ok(o) => o,
                 Err(_) => break,
             };
             if owner != abi::cqe_owner(cq.cons, cq.ring.depth) {
                 break;
             }
-            match self.read_guest::<Cqe>(slot) {
+            match s.read_obj::<Cqe>(0) {
                 Ok(c) => out[n] = c,
                 Err(_) => break,
             }
@@ -406,10 +398,15 @@ impl Driver {
         if !cq.ring.alive() {
             return Err(Error::InvalidArgument("CQ destroyed"));
         }
-        crate::gmem::store(
+        // The control block in one slice.
+        let hdr = crate::gmem::slice(
             &self.mem,
+            cq.ring.header_gpa(0),
+            std::mem::size_of::<abi::RingHeader>(),
+        )?;
+        hdr.store(
             cq.cons,
-            cq.ring.header_gpa(abi::RING_ARM_CONS_OFFSET),
+            abi::RING_ARM_CONS_OFFSET as usize,
             Ordering::Relaxed,
         )?;
         cq.arm_seq = cq.arm_seq.wrapping_add(1);
@@ -419,10 +416,9 @@ impl Driver {
             abi::CQ_ARM_NEXT
         };
         // Release: arm_cons is visible before the new arm value.
-        crate::gmem::store(
-            &self.mem,
+        hdr.store(
             (cq.arm_seq << 2) | flag,
-            cq.ring.header_gpa(abi::RING_ARM_OFFSET),
+            abi::RING_ARM_OFFSET as usize,
             Ordering::Release,
         )?;
         self.doorbell(self.db.cq_bitmap, abi::handle_index(cq.cqn))
