@@ -790,9 +790,11 @@ impl State {
 
     /// Fetches and executes the QP's new send WQEs (or flushes them in ERR).
     pub fn process_sq(&mut self, qpn: u32) {
-        let Some(mem) = self.core.mem_handle.clone() else {
+        // The memory is borrowed where it is used, never cloned: a clone and its drop are two
+        // atomic read-modify-writes of the reference count per use.
+        if self.core.mem.is_none() {
             return;
-        };
+        }
         let Some(qp) = self.core.qps.get_mut(qpn) else {
             return;
         };
@@ -810,7 +812,10 @@ impl State {
             // RESET/INIT/RTR/SQD: WQEs wait in the ring.
             _ => return,
         }
-        let prod = qp.sq.prod(&mem);
+        let Some(mem) = self.core.mem.as_deref() else {
+            return;
+        };
+        let prod = qp.sq.prod(mem);
         if prod.wrapping_sub(*qp.sq_cons) > qp.sq.depth {
             self.fail_qp(qpn, abi::VENDOR_ERR_RING_OVERRUN);
             return;
@@ -821,9 +826,9 @@ impl State {
         // The consumer index is published once for everything fetched (ABI §9.2: after the
         // copies), not per WQE. A failure meanwhile may have flushed the ring and published a
         // later index itself; this store repeats the device's current one.
-        if let Some(qp) = self.core.qps.get(qpn) {
+        if let (Some(qp), Some(mem)) = (self.core.qps.get(qpn), self.core.mem.as_deref()) {
             if (*qp.sq_cons) != published {
-                qp.sq.set_cons(&mem, *qp.sq_cons);
+                qp.sq.set_cons(mem, *qp.sq_cons);
             }
         }
     }
@@ -831,20 +836,11 @@ impl State {
     /// Fetches and executes the WQEs of an RTS QP up to `prod` (see [`State::process_sq`]).
     fn fetch_sq(&mut self, qpn: u32, prod: u32, depth: usize) {
         let mut buf = std::mem::take(&mut *self.sq_buf);
-        if let Some(mem) = self.core.mem_handle.clone() {
-            self.fetch_sq_with(&mem, qpn, prod, depth, &mut buf);
-        }
+        self.fetch_sq_with(qpn, prod, depth, &mut buf);
         *self.sq_buf = buf;
     }
 
-    fn fetch_sq_with(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        qpn: u32,
-        prod: u32,
-        depth: usize,
-        buf: &mut Vec<u8>,
-    ) {
+    fn fetch_sq_with(&mut self, qpn: u32, prod: u32, depth: usize, buf: &mut Vec<u8>) {
         // Slots [first, first + copied) are in `buf`.
         let (mut first, mut copied) = (0u32, 0u32);
         // RC WRs posted to the backend and not yet sent: the backend sends once per fetch.
@@ -868,7 +864,11 @@ impl State {
                 if buf.len() < len {
                     buf.resize(len, 0);
                 }
-                let ok = gm::read_bytes(mem, gpa, &mut buf[..len]);
+                let ok = self
+                    .core
+                    .mem
+                    .as_deref()
+                    .is_some_and(|mem| gm::read_bytes(mem, gpa, &mut buf[..len]));
                 (first, copied) = (idx, if ok { n } else { 0 });
             }
             let copy = (idx.wrapping_sub(first) < copied).then(|| {
@@ -951,7 +951,7 @@ impl State {
 
     /// The doorbell: new event buffers, SQ doorbells and CQ arm requests.
     pub fn process_doorbells(&mut self) {
-        let (Some(mem), Some(db)) = (self.core.mem_handle.clone(), self.core.db_gpa) else {
+        let (Some(mem), Some(db)) = (self.core.mem.as_deref(), self.core.db_gpa) else {
             self.flush_events();
             return;
         };
@@ -960,7 +960,7 @@ impl State {
         let cq_base = abi::db_cq_bitmap_offset(max_qp);
         // Both bitmaps and their summaries in one slice: one region lookup per entry. The
         // area was checked to lie in one region when it was registered (and on restore).
-        let area = gm::slice(&mem, db, (cq_base + abi::bitmap_bytes(max_cq)) as usize);
+        let area = gm::slice(mem, db, (cq_base + abi::bitmap_bytes(max_cq)) as usize);
         let sq = take_bits(
             area.as_ref(),
             abi::DB_SQ_SUMMARY_OFFSET,
