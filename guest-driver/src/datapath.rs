@@ -9,18 +9,13 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, ByteValued, Bytes, VolatileMemory};
+use vm_memory::{Address, Bytes, VolatileMemory};
 use vrdma_abi as abi;
 use vrdma_abi::{Cqe, RecvWqe, SendWqe};
 
 use crate::error::{Error, Result};
 use crate::verbs::{Cq, Qp, RecvWr, Ring, SendWr};
 use crate::Driver;
-
-thread_local! {
-    /// WQE staging buffer of [`Driver::post_send_unchecked`].
-    static STAGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// Valid `SEND_F_*` bits.
 const SEND_FLAGS: u8 =
@@ -156,50 +151,27 @@ impl Driver {
             };
             check_fits(qp.sq.stride, abi::SEND_WQE_HDR, body, i)?;
         }
-        let free = self.ring_free(&qp.sq, qp.sq_prod)?;
-        if wrs.len() as u64 > free as u64 {
-            return Err(Error::QueueFull {
-                queue: "send queue",
-                needed: wrs.len().min(u32::MAX as usize) as u32,
-                free,
-            });
-        }
-        // WQEs are assembled in a staging buffer and stored with one access per run of slots
-        // contiguous in guest memory (slots never cross a page): the cost of a guest's plain
-        // stores into its ring, rather than one vm-memory access per field. The buffer is the
-        // thread's, not the QP's: with thousands of QPs a per-QP buffer is one more cold page
-        // per post.
-        let stride = qp.sq.stride as usize;
-        let prod = STAGE.with_borrow_mut(|stage| -> Result<u32> {
-            let mut prod = qp.sq_prod;
-            stage.clear();
-            let mut run_start = qp.sq.slot_gpa(prod);
-            for wr in wrs {
-                let slot = qp.sq.slot_gpa(prod);
-                if slot.raw_value() != run_start.raw_value() + stage.len() as u64
-                    || stage.len() + stride > abi::VRDMA_PAGE_SIZE as usize
-                {
-                    self.write_guest(stage, run_start)?;
-                    stage.clear();
-                    run_start = slot;
-                }
-                let at = stage.len();
-                stage.extend_from_slice(send_wqe_header(qp.qp_type, wr).as_slice());
-                match wr.inline {
-                    Some(d) => stage.extend_from_slice(d),
-                    None => {
-                        for sge in wr.sges {
-                            stage.extend_from_slice(sge.as_slice());
-                        }
+        qp.sq_free = Self::reserve(&qp.sq, qp.sq_free, wrs.len(), "send queue", || {
+            self.ring_free(&qp.sq, qp.sq_prod)
+        })?;
+        // Each WQE is stored into its slot (one slice per slot: slots never cross a page), the
+        // header and then the SGEs or inline data; the rest of the slot is padding, which the
+        // device does not read (ABI §9.2).
+        let mut prod = qp.sq_prod;
+        for wr in wrs {
+            let slot = crate::gmem::slice(&self.mem, qp.sq.slot_gpa(prod), qp.sq.stride as usize)?;
+            slot.write_obj(send_wqe_header(qp.qp_type, wr), 0)?;
+            let body = abi::SEND_WQE_HDR as usize;
+            match wr.inline {
+                Some(d) => slot.write_slice(d, body)?,
+                None => {
+                    for (k, sge) in wr.sges.iter().enumerate() {
+                        slot.write_obj(*sge, body + k * abi::SGE_SIZE as usize)?;
                     }
                 }
-                // The rest of the slot (checked above to hold the WQE) is padding.
-                stage.resize(at + stride, 0);
-                prod = prod.wrapping_add(1);
             }
-            self.write_guest(stage, run_start)?;
-            Ok(prod)
-        })?;
+            prod = prod.wrapping_add(1);
+        }
         // Release: the WQEs are visible before the new producer index.
         crate::gmem::store(
             &self.mem,
@@ -208,6 +180,7 @@ impl Driver {
             Ordering::Release,
         )?;
         qp.sq_prod = prod;
+        qp.sq_free -= wrs.len() as u32;
         self.doorbell(abi::DB_SQ_BITMAP_OFFSET, abi::handle_index(qp.qpn))
     }
 
@@ -252,14 +225,9 @@ impl Driver {
                 i,
             )?;
         }
-        let free = self.ring_free(&qp.rq, qp.rq_prod)?;
-        if wrs.len() as u64 > free as u64 {
-            return Err(Error::QueueFull {
-                queue: "receive queue",
-                needed: wrs.len().min(u32::MAX as usize) as u32,
-                free,
-            });
-        }
+        qp.rq_free = Self::reserve(&qp.rq, qp.rq_free, wrs.len(), "receive queue", || {
+            self.ring_free(&qp.rq, qp.rq_prod)
+        })?;
         let mut prod = qp.rq_prod;
         for wr in wrs {
             let slot = qp.rq.slot_gpa(prod);
@@ -286,21 +254,36 @@ impl Driver {
             Ordering::Release,
         )?;
         qp.rq_prod = prod;
+        qp.rq_free -= wrs.len() as u32;
         if qp.state() == abi::QPS_ERR {
             self.doorbell(abi::DB_SQ_BITMAP_OFFSET, abi::handle_index(qp.qpn))?;
         }
         Ok(())
     }
 
-    /// Writes `bytes` at `gpa`: through the one region holding them when there is one (the
-    /// common case: a ring slot), else through the general, region-spanning path.
+    /// Room for `n` more WQEs in a ring whose cached free count is `cached`: the count to keep
+    /// (before the `n` are subtracted), reading the consumer index (`read_free`) only when the
+    /// cached count does not suffice.
     #[inline]
-    fn write_guest(&self, bytes: &[u8], gpa: vm_memory::GuestAddress) -> Result<()> {
-        match crate::gmem::slice(&self.mem, gpa, bytes.len()) {
-            Ok(s) => s.copy_from(bytes),
-            Err(_) => crate::gmem::write_slice(&self.mem, bytes, gpa)?,
+    fn reserve(
+        ring: &Ring,
+        cached: u32,
+        n: usize,
+        queue: &'static str,
+        read_free: impl FnOnce() -> Result<u32>,
+    ) -> Result<u32> {
+        if n as u64 <= cached as u64 && cached <= ring.depth {
+            return Ok(cached);
         }
-        Ok(())
+        let free = read_free()?;
+        if n as u64 > free as u64 {
+            return Err(Error::QueueFull {
+                queue,
+                needed: n.min(u32::MAX as usize) as u32,
+                free,
+            });
+        }
+        Ok(free)
     }
 
     /// Free slots of an SQ/RQ: depth − (prod − header.cons). A consumer index that is ahead of
@@ -432,14 +415,38 @@ impl Driver {
     /// without notifying; returns whether the bit was already set. Fails if the bit lies outside
     /// the doorbell area.
     pub fn set_doorbell_bit(&self, bitmap_offset: u64, index: u32) -> Result<bool> {
+        let (area, off) = self.doorbell_slice(bitmap_offset, index)?;
+        Self::set_bit_in(&area, bitmap_offset, off, index)
+    }
+
+    /// The doorbell area from its start (the header and the summaries) to the bitmap word of
+    /// bit `index` of the bitmap at `bitmap_offset`, in one slice, and that word's offset.
+    #[inline]
+    fn doorbell_slice(
+        &self,
+        bitmap_offset: u64,
+        index: u32,
+    ) -> Result<(crate::gmem::GuestSlice<'_>, u64)> {
         let off = bitmap_offset
             .checked_add(index as u64 / 64 * 8)
             .filter(|o| o.checked_add(8).is_some_and(|e| e <= self.db.len))
             .ok_or(Error::InvalidArgument(
                 "doorbell bit outside the doorbell area",
             ))?;
-        // The word and its summary (at the area's start) in one slice: one region lookup.
-        let area = crate::gmem::slice(&self.mem, self.db.gpa, (off + 8) as usize)?;
+        Ok((
+            crate::gmem::slice(&self.mem, self.db.gpa, (off + 8) as usize)?,
+            off,
+        ))
+    }
+
+    /// [`Driver::set_doorbell_bit`] in the slice of [`Driver::doorbell_slice`].
+    #[inline]
+    fn set_bit_in(
+        area: &crate::gmem::GuestSlice<'_>,
+        bitmap_offset: u64,
+        off: u64,
+        index: u32,
+    ) -> Result<bool> {
         let word = area.get_atomic_ref::<AtomicU64>(off as usize)?;
         let bit = 1u64 << (index % 64);
         let old = word.fetch_or(bit, Ordering::SeqCst);
@@ -467,18 +474,27 @@ impl Driver {
     /// negotiated).
     #[inline]
     pub(crate) fn doorbell(&self, bitmap_offset: u64, index: u32) -> Result<()> {
-        if self.set_doorbell_bit(bitmap_offset, index)? {
+        // The bit, its summary and `device_flags` through one slice.
+        let (area, off) = self.doorbell_slice(bitmap_offset, index)?;
+        if Self::set_bit_in(&area, bitmap_offset, off, index)? {
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        self.kick_unless_polling()
+        self.kick_in(&area)
     }
 
     /// Full fence, read `device_flags`, notify queue 1 unless the device is polling.
-    #[inline]
     fn kick_unless_polling(&self) -> Result<()> {
+        let area = crate::gmem::slice(&self.mem, self.db.gpa, 4)?;
+        self.kick_in(&area)
+    }
+
+    /// [`Driver::kick_unless_polling`] with `device_flags` read through `area` (the doorbell
+    /// area from its start).
+    #[inline]
+    fn kick_in(&self, area: &crate::gmem::GuestSlice<'_>) -> Result<()> {
         fence(Ordering::SeqCst);
-        let flags: u32 = crate::gmem::load(&self.mem, self.db.gpa, Ordering::SeqCst)?;
+        let flags: u32 = area.load(0, Ordering::SeqCst)?;
         let polling = flags & abi::DB_DEVICE_POLLING != 0
             && self.features() & abi::VRDMA_F_DB_SUPPRESSION != 0;
         if polling {
@@ -543,6 +559,7 @@ impl Driver {
     pub fn set_sq_prod(&self, qp: &mut Qp, prod: u32) -> Result<()> {
         self.write_ring_u32(&qp.sq, abi::RING_PROD_OFFSET, prod)?;
         qp.sq_prod = prod;
+        qp.sq_free = 0;
         Ok(())
     }
 
@@ -550,6 +567,7 @@ impl Driver {
     pub fn set_rq_prod(&self, qp: &mut Qp, prod: u32) -> Result<()> {
         self.write_ring_u32(&qp.rq, abi::RING_PROD_OFFSET, prod)?;
         qp.rq_prod = prod;
+        qp.rq_free = 0;
         Ok(())
     }
 

@@ -910,6 +910,8 @@ impl Driver {
             },
             sq_prod: 0,
             rq_prod: 0,
+            sq_free: 0,
+            rq_free: 0,
             shared,
         })
     }

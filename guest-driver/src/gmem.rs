@@ -16,13 +16,16 @@ use vrdma_memory::DirtyBitmap;
 
 use crate::GuestMemoryMmap;
 
+/// A volatile slice of guest memory, with its dirty log.
+pub(crate) type GuestSlice<'a> = VolatileSlice<'a, BS<'a, DirtyBitmap>>;
+
 /// The volatile slice `[gpa, gpa + len)` of the region that holds all of it.
 #[inline]
 pub(crate) fn slice(
     mem: &GuestMemoryMmap,
     gpa: GuestAddress,
     len: usize,
-) -> Result<VolatileSlice<'_, BS<'_, DirtyBitmap>>, GuestMemoryError> {
+) -> Result<GuestSlice<'_>, GuestMemoryError> {
     let a = gpa.raw_value();
     let found = a.checked_add(len as u64).and_then(|end| {
         mem.iter().find_map(|r| {

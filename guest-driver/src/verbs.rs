@@ -294,6 +294,12 @@ pub struct Qp {
     pub(crate) sq_prod: u32,
     /// Driver's RQ producer index (free-running).
     pub(crate) rq_prod: u32,
+    /// SQ slots known to be free: as many as the consumer index showed when last read, less
+    /// those posted since. The device only ever advances the consumer index, so the true
+    /// number is never smaller, and the index is read again only when this does not suffice.
+    pub(crate) sq_free: u32,
+    /// The same for the RQ.
+    pub(crate) rq_free: u32,
     pub(crate) shared: Arc<QpShared>,
 }
 
