@@ -572,6 +572,10 @@ impl crate::soft::Endpoint for Vrdma {
         st.direct(f);
         Some(st.take_fabric_work())
     }
+
+    fn hot_line(&self) -> *const u8 {
+        (&self.state as *const Mutex<State>).cast()
+    }
 }
 
 impl Drop for Vrdma {

@@ -822,6 +822,7 @@ impl State {
         }
         let depth = qp.sq.depth as usize;
         let published = *qp.sq_cons;
+        self.backend.prefetch_peer(qpn);
         self.fetch_sq(qpn, prod, depth);
         // The consumer index is published once for everything fetched (ABI §9.2: after the
         // copies), not per WQE. A failure meanwhile may have flushed the ring and published a

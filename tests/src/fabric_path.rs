@@ -154,6 +154,10 @@ impl Endpoint for BareEndpoint {
         self.publish_cq_len(ops.cq.len());
         Some(backend.take_work())
     }
+
+    fn hot_line(&self) -> *const u8 {
+        (&self.inner as *const Mutex<Inner>).cast()
+    }
 }
 
 impl Drop for BareEndpoint {
@@ -298,7 +302,9 @@ impl BareEndpoint {
         let work = {
             let mut g = self.lock();
             let Inner { backend, ops } = &mut *g;
-            // As the device's SQ fetch: RC WRs are appended in place and sent once per batch.
+            // As the device's SQ fetch: the peer's lock is prefetched first, RC WRs are
+            // appended in place and sent once per batch.
+            backend.prefetch_peer(qpn);
             let mut batched = false;
             for wr in wrs {
                 match backend.send_slot(qpn) {

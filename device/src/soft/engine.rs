@@ -115,6 +115,9 @@ struct SoftQp {
     rd_out: u32,
     /// Requester: messages sent since the last one that asked for an ACK.
     since_ack_req: u32,
+    /// Where the direct path last found the peer's lock (an address only, for a prefetch:
+    /// never dereferenced).
+    peer_hint: usize,
     resp: CachePadded<Resp>,
 }
 
@@ -131,6 +134,7 @@ impl SoftQp {
             sent: 0,
             rd_out: 0,
             since_ack_req: 0,
+            peer_hint: 0,
             resp: CachePadded::new(Resp::default()),
         }
     }
@@ -627,6 +631,10 @@ impl SoftBackend {
         else {
             return;
         };
+        let hint = peer.hot_line() as usize;
+        if let Some(qp) = self.qps.get_mut(&qpn).filter(|q| q.peer_hint != hint) {
+            qp.peer_hint = hint;
+        }
         let src = self.port.gid();
         // The peer's responses: completed while it is locked when they carry data, else
         // after (no move of the list in between).
@@ -711,6 +719,22 @@ impl SoftBackend {
             } else {
                 i += 1;
             }
+        }
+    }
+
+    /// Starts moving the line of the peer's lock, which the direct path will take, to this core,
+    /// so that its transfer overlaps the WQE fetch and parse. The caller calls it when it learns
+    /// that the QP has work, before fetching it.
+    ///
+    /// The peer's own thread took that line at its last post. Waiting for it at the `try_lock`
+    /// cost ~0.07 µs of a ~0.7 µs half round trip (write-lat, poll): most of a cache-line
+    /// transfer between the cores, which is the whole of the shm floor (~0.17 µs per half round
+    /// trip here). The address is the one the direct path last found; a prefetch never faults,
+    /// so a stale address (the peer is gone) costs nothing.
+    #[inline]
+    pub fn prefetch_peer(&self, qpn: u32) {
+        if let Some(hint) = self.qps.get(&qpn).map(|q| q.peer_hint).filter(|&h| h != 0) {
+            prefetch_for_write(hint as *const u8);
         }
     }
 
@@ -1882,4 +1906,38 @@ impl SoftBackend {
         }
         self.port.fabric().announce(&self.port.gid(), false, &peers);
     }
+}
+
+/// Asks the CPU to fetch the line of `p` in a state that allows a write (x86 `prefetchw` where
+/// the CPU has it, a plain prefetch otherwise). A hint: it never faults, whatever `p` is.
+#[inline]
+fn prefetch_for_write(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::AtomicU8;
+        // 0: not yet asked, 1: no PREFETCHW, 2: PREFETCHW.
+        static HAS_PREFETCHW: AtomicU8 = AtomicU8::new(0);
+        let mut has = HAS_PREFETCHW.load(Ordering::Relaxed);
+        if has == 0 {
+            // CPUID 0x8000_0001, ECX bit 8: PREFETCHW (AMD "3DNowPrefetch", Intel since
+            // Broadwell). Both leaves exist on every x86-64 CPU.
+            let ext = std::arch::x86_64::__cpuid(0x8000_0001);
+            has = if ext.ecx & (1 << 8) != 0 { 2 } else { 1 };
+            HAS_PREFETCHW.store(has, Ordering::Relaxed);
+        }
+        if has == 2 {
+            // SAFETY: the CPU has PREFETCHW (checked above); a prefetch never faults, writes
+            // nothing and reads nothing into the program, whatever the address.
+            unsafe {
+                std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
+            }
+        } else {
+            // SAFETY: as above, for a plain prefetch (SSE, part of x86-64).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }

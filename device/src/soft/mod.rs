@@ -80,6 +80,12 @@ pub trait Endpoint: Send + Sync {
         let _ = f;
         None
     }
+
+    /// The address of the line the direct path takes first (the endpoint's lock), for a
+    /// prefetch; null if none.
+    fn hot_line(&self) -> *const u8 {
+        std::ptr::null()
+    }
 }
 
 /// Where a packet goes: an in-process port or a wire gateway.
