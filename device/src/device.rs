@@ -7,6 +7,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crossbeam_utils::CachePadded;
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::ByteValued;
 use vrdma_abi as abi;
@@ -178,6 +180,16 @@ pub struct Vrdma {
     state: Mutex<State>,
     /// Built by [`Vrdma::restore`] and not yet resumed (not yet attached to the fabric).
     restored: std::sync::atomic::AtomicBool,
+    /// Where the doorbell area is, as the state last said: the doorbell scan runs before
+    /// the state lock is taken (see [`Vrdma::queue_notify`]). Only this guest's notifications
+    /// take it, and it has lines of its own: no other thread writes them.
+    doorbells: CachePadded<Mutex<Option<DoorbellArea>>>,
+}
+
+/// The guest memory and guest-physical address of a registered doorbell area.
+struct DoorbellArea {
+    mem: Arc<GuestMemoryMmap>,
+    gpa: u64,
 }
 
 impl std::fmt::Debug for Vrdma {
@@ -199,6 +211,7 @@ impl Vrdma {
                 cfg,
                 port,
                 restored: std::sync::atomic::AtomicBool::new(false),
+                doorbells: Default::default(),
             }
         });
         fabric
@@ -285,6 +298,7 @@ impl Vrdma {
             }
         }
         st.activate(mem, queues, irq);
+        self.note_doorbells(&st);
         Ok(())
     }
 
@@ -296,7 +310,21 @@ impl Vrdma {
     /// The driver notified queue `index`. The control queue executes pending commands; the
     /// event queue is also the doorbell: the device takes new event buffers and scans the
     /// doorbell area. Unknown indices are ignored.
+    ///
+    /// The doorbell area is scanned before the device lock is taken. On the direct path a
+    /// peer's thread takes this device's lock (its messages run this device's responder), so
+    /// the lock's cache line is usually on the peer's core when the guest rings: its transfer
+    /// is started first and runs while the scan swaps the doorbell words. The bits taken are
+    /// processed under the lock just after; if the device is stopped meanwhile, they are
+    /// dropped, as resume rescans every queue anyway.
     pub fn queue_notify(&self, index: u16) {
+        let rung = (index == abi::EVENTQ).then(|| {
+            crate::prefetch::for_write((&self.state as *const Mutex<State>).cast());
+            let area = self.doorbells.lock().unwrap_or_else(|e| e.into_inner());
+            area.as_ref().map(|a| {
+                crate::state::take_doorbells(&a.mem, a.gpa, self.cfg.max_qp, self.cfg.max_cq)
+            })
+        });
         let work = {
             let mut st = self.lock();
             if !st.mig.processes_guest_work() {
@@ -304,13 +332,29 @@ impl Vrdma {
                 return;
             }
             match index {
-                abi::CTRLQ => st.process_ctrlq(),
-                abi::EVENTQ => st.process_doorbells(),
+                abi::CTRLQ => {
+                    st.process_ctrlq();
+                    self.note_doorbells(&st);
+                }
+                abi::EVENTQ => st.process_doorbells(rung.flatten()),
                 _ => tracing::debug!(index, "notification for unknown queue"),
             }
             st.take_fabric_work()
         };
         self.port.fabric().run(work);
+    }
+
+    /// Records where the state says the doorbell area is (after anything that may change it:
+    /// activation, control commands, reset, resume). Called with the state locked.
+    fn note_doorbells(&self, st: &State) {
+        let area = match (&st.core.mem, st.core.db_gpa) {
+            (Some(mem), Some(gpa)) => Some(DoorbellArea {
+                mem: mem.clone(),
+                gpa,
+            }),
+            _ => None,
+        };
+        *self.doorbells.lock().unwrap_or_else(|e| e.into_inner()) = area;
     }
 
     /// Resets the device: every outstanding work request is flushed to its CQ (so none is
@@ -324,6 +368,7 @@ impl Vrdma {
                 return;
             }
             st.reset();
+            self.note_doorbells(&st);
             st.take_fabric_work()
         };
         self.port.fabric().run(work);
@@ -490,6 +535,7 @@ impl Vrdma {
                 cfg,
                 port,
                 restored: std::sync::atomic::AtomicBool::new(true),
+                doorbells: Default::default(),
             }
         });
         match err {
@@ -535,6 +581,7 @@ impl Vrdma {
             st.precopy = None;
             self.port.set_paused(false);
             st.kick_all(restored);
+            self.note_doorbells(&st);
             st.take_fabric_work()
         };
         self.port.fabric().run(work);

@@ -24,6 +24,7 @@ mod gm;
 pub mod interrupt;
 pub mod mr;
 pub mod persist;
+pub(crate) mod prefetch;
 pub mod qp;
 pub mod ring;
 pub mod soft;

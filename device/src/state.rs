@@ -950,25 +950,13 @@ impl State {
         }
     }
 
-    /// The doorbell: new event buffers, SQ doorbells and CQ arm requests.
-    pub fn process_doorbells(&mut self) {
-        let (Some(mem), Some(db)) = (self.core.mem.as_deref(), self.core.db_gpa) else {
+    /// The doorbell: new event buffers, and the SQ doorbells and CQ arm requests that
+    /// [`take_doorbells`] took (`None`: no doorbell area to scan).
+    pub fn process_doorbells(&mut self, rung: Option<Doorbells>) {
+        let Some(Doorbells { sq, cq }) = rung else {
             self.flush_events();
             return;
         };
-        let max_qp = self.core.cfg.max_qp;
-        let max_cq = self.core.cfg.max_cq;
-        let cq_base = abi::db_cq_bitmap_offset(max_qp);
-        // Both bitmaps and their summaries in one slice: one region lookup per entry. The
-        // area was checked to lie in one region when it was registered (and on restore).
-        let area = gm::slice(mem, db, (cq_base + abi::bitmap_bytes(max_cq)) as usize);
-        let sq = take_bits(
-            area.as_ref(),
-            abi::DB_SQ_SUMMARY_OFFSET,
-            abi::DB_SQ_BITMAP_OFFSET,
-            max_qp,
-        );
-        let cq = take_bits(area.as_ref(), abi::DB_CQ_SUMMARY_OFFSET, cq_base, max_cq);
         for (word, bit) in sq {
             let index = word * 64 + bit;
             if let Some((qpn, _)) = self.core.qps.by_index(index) {
@@ -1176,6 +1164,37 @@ impl State {
 /// `summary` of the area) flags: summary first, then each flagged word, both with an atomic
 /// exchange (ABI §8.3). A driver sets the word bit before the summary bit, so a bit set after
 /// our summary exchange leaves its summary bit set for the next scan.
+/// The doorbells a scan of the doorbell area took: `(word, bit)` of each set bit of the SQ and
+/// the CQ-arm bitmaps.
+pub(crate) struct Doorbells {
+    sq: smallvec::SmallVec<[(u32, u32); 8]>,
+    cq: smallvec::SmallVec<[(u32, u32); 8]>,
+}
+
+/// Takes (clears and returns) the rung doorbells of the area at `db` in `mem`, for a device of
+/// `max_qp` QPs and `max_cq` CQs. Atomic swaps on guest memory: it needs no device lock, and a
+/// bit taken here is processed by the caller's next locked entry.
+pub(crate) fn take_doorbells(
+    mem: &GuestMemoryMmap,
+    db: u64,
+    max_qp: u32,
+    max_cq: u32,
+) -> Doorbells {
+    let cq_base = abi::db_cq_bitmap_offset(max_qp);
+    // Both bitmaps and their summaries in one slice: one region lookup per entry. The area
+    // was checked to lie in one region when it was registered (and on restore).
+    let area = gm::slice(mem, db, (cq_base + abi::bitmap_bytes(max_cq)) as usize);
+    Doorbells {
+        sq: take_bits(
+            area.as_ref(),
+            abi::DB_SQ_SUMMARY_OFFSET,
+            abi::DB_SQ_BITMAP_OFFSET,
+            max_qp,
+        ),
+        cq: take_bits(area.as_ref(), abi::DB_CQ_SUMMARY_OFFSET, cq_base, max_cq),
+    }
+}
+
 fn take_bits(
     area: Option<&gm::GuestSlice<'_>>,
     summary: u64,
