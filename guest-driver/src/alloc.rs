@@ -377,6 +377,21 @@ impl Buffer {
 
     /// Calls `f(gpa, range)` for each physically contiguous piece of `[offset, offset+len)`,
     /// where `range` is the piece's position relative to `offset`.
+    /// The guest-memory slice of `[offset, offset + len)` if it lies within one backing page
+    /// (and within the buffer).
+    #[inline]
+    fn page_slice(&self, offset: u64, len: usize) -> Option<crate::gmem::GuestSlice<'_>> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.len && len > 0)?;
+        let page = offset >> self.page_shift;
+        if (end - 1) >> self.page_shift != page {
+            return None;
+        }
+        let gpa = self.pages.get(page as usize)? + (offset & (self.page_size() - 1));
+        crate::gmem::slice(&self.mem, GuestAddress(gpa), len).ok()
+    }
+
     fn for_each_chunk(
         &self,
         offset: u64,
@@ -407,6 +422,11 @@ impl Buffer {
     /// # Panics
     /// If the range is outside the buffer.
     pub fn write(&self, offset: u64, data: &[u8]) {
+        // Within one backing page (the usual small write): one slice, no chunk walk.
+        if let Some(s) = self.page_slice(offset, data.len()) {
+            s.copy_from(data);
+            return;
+        }
         self.for_each_chunk(offset, data.len(), |gpa, r| {
             crate::gmem::write_slice(&self.mem, &data[r], gpa)
                 .expect("buffer page outside guest memory");
@@ -418,6 +438,10 @@ impl Buffer {
     /// # Panics
     /// If the range is outside the buffer.
     pub fn read(&self, offset: u64, out: &mut [u8]) {
+        if let Some(s) = self.page_slice(offset, out.len()) {
+            s.copy_to(out);
+            return;
+        }
         self.for_each_chunk(offset, out.len(), |gpa, r| {
             crate::gmem::read_slice(&self.mem, &mut out[r], gpa)
                 .expect("buffer page outside guest memory");

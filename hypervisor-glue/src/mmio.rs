@@ -294,6 +294,10 @@ pub struct MmioTransport {
     interrupt_status: Arc<AtomicU32>,
     interrupt: Arc<MmioInterrupt>,
     state: Mutex<State>,
+    /// The number of queues while the device is live, else 0: `state`'s answer for queue
+    /// notifications, which then take no lock (the data path's doorbell rings here). Written
+    /// with `state` locked, after every change of the status.
+    live_queues: AtomicU32,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -334,6 +338,7 @@ impl MmioTransport {
                 queue_sel: 0,
                 queues,
             }),
+            live_queues: AtomicU32::new(0),
         }
     }
 
@@ -403,15 +408,12 @@ impl MmioTransport {
     /// ioeventfd registered on [`regs::QUEUE_NOTIFY`]). Forwarded to the device, synchronously,
     /// only while it is active.
     pub fn queue_notify(&self, index: u16) {
-        let (live, nqueues) = {
-            let st = self.lock();
-            (st.is_live(), st.queues.len())
-        };
-        if !live {
+        let nqueues = self.live_queues.load(Ordering::Acquire);
+        if nqueues == 0 {
             debug!(index, "queue notification while the device is not active");
             return;
         }
-        if usize::from(index) >= nqueues {
+        if u32::from(index) >= nqueues {
             debug!(index, "notification for a queue that does not exist");
             return;
         }
@@ -474,12 +476,24 @@ impl MmioTransport {
             regs::STATUS => {
                 let mut st = self.lock();
                 self.write_status(&mut st, value);
+                self.publish_live(&st);
             }
             _ => {
                 let mut st = self.lock();
                 self.write_other(&mut st, offset, value);
+                self.publish_live(&st);
             }
         }
+    }
+
+    /// Updates `live_queues` from the register state (called with it locked).
+    fn publish_live(&self, st: &State) {
+        let n = if st.is_live() {
+            st.queues.len() as u32
+        } else {
+            0
+        };
+        self.live_queues.store(n, Ordering::Release);
     }
 
     fn write_other(&self, st: &mut State, offset: u64, value: u32) {
@@ -989,7 +1003,7 @@ impl MmioTransport {
                 warn!(error = %e, "failed to re-assert the interrupt after restore");
             }
         }
-        Ok(MmioTransport {
+        let t = MmioTransport {
             device,
             mem,
             interrupt_status,
@@ -1002,7 +1016,10 @@ impl MmioTransport {
                 queue_sel: snap.queue_sel,
                 queues,
             }),
-        })
+            live_queues: AtomicU32::new(0),
+        };
+        t.publish_live(&t.lock());
+        Ok(t)
     }
 }
 
