@@ -92,11 +92,25 @@ pub fn read_obj<T: ByteValued>(mem: &GuestMemoryMmap, gpa: u64) -> Option<T> {
     with_slice(mem, gpa, std::mem::size_of::<T>(), |s| s.read_obj(0).ok())
 }
 
-/// Reads `buf.len()` bytes at `gpa`.
+/// Reads `buf.len()` bytes at `gpa` into the device's own buffer (what the device then parses
+/// is its copy, which the guest cannot change under it).
 #[inline]
 pub fn read_bytes(mem: &GuestMemoryMmap, gpa: u64, buf: &mut [u8]) -> bool {
-    let len = buf.len();
-    with_slice(mem, gpa, len, |s| s.read_slice(buf, 0).ok()).is_some()
+    let Some((r, off)) = region_of(mem, gpa, buf.len() as u64) else {
+        return false;
+    };
+    // SAFETY: `region_of` checked that `[off, off + buf.len())` lies inside the region, whose
+    // mapping stays valid while `mem` is borrowed; `buf` is the device's own memory, distinct
+    // from guest memory. The guest may write those bytes concurrently: like `copy` (and
+    // vm-memory's slice copies), this is a plain byte copy, and only the copy is parsed.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            std::ops::Deref::deref(r).as_ptr().add(off),
+            buf.as_mut_ptr(),
+            buf.len(),
+        );
+    }
+    true
 }
 
 /// Atomic load of a naturally aligned `T` at `gpa`.

@@ -1195,6 +1195,24 @@ pub(crate) fn take_doorbells(
     }
 }
 
+/// The `n` u64 words at byte `base` of `area`, as atomics (one bounds and alignment check for
+/// all of them, instead of one per word); `None` if they are not inside it or not aligned.
+fn atomic_words<'a>(area: &'a gm::GuestSlice<'_>, base: u64, n: u64) -> Option<&'a [AtomicU64]> {
+    let end = base.checked_add(n.checked_mul(8)?)?;
+    if end > area.len() as u64 {
+        return None;
+    }
+    let ptr = area.ptr_guard().as_ptr().wrapping_add(base as usize);
+    if !(ptr as usize).is_multiple_of(std::mem::align_of::<AtomicU64>()) {
+        return None;
+    }
+    // SAFETY: `[base, base + 8n)` lies inside `area` (checked), whose memory stays mapped
+    // while `area` is borrowed, and the pointer is aligned for `AtomicU64` (checked). Guest
+    // memory is shared with the guest, which writes these words atomically (ABI §8.2); atomic
+    // accesses to it are what vm-memory's `get_atomic_ref` hands out one word at a time.
+    Some(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), n as usize) })
+}
+
 fn take_bits(
     area: Option<&gm::GuestSlice<'_>>,
     summary: u64,
@@ -1215,22 +1233,22 @@ fn take_bits(
     // Atomic references bypass vm-memory's dirty log: record the cleared words by hand, so a
     // pre-copy round sees them (docs/migration.md).
     area.bitmap().mark_dirty(summary as usize, 8);
-    let words = abi::bitmap_bytes(max) / 8;
+    let Some(words) = atomic_words(area, base, abi::bitmap_bytes(max) / 8) else {
+        return out;
+    };
     while flagged != 0 {
-        let first = flagged.trailing_zeros() as u64;
+        let first = flagged.trailing_zeros() as usize;
         flagged &= flagged - 1;
+        // Summary bit `first` stands for words first, first + 64, ...
         let mut w = first;
-        while w < words {
-            let at = (base + w * 8) as usize;
-            if let Ok(cell) = area.get_atomic_ref::<AtomicU64>(at) {
-                if cell.load(Ordering::Relaxed) != 0 {
-                    let mut bits = cell.swap(0, Ordering::AcqRel);
-                    area.bitmap().mark_dirty(at, 8);
-                    while bits != 0 {
-                        let b = bits.trailing_zeros();
-                        bits &= bits - 1;
-                        out.push((w as u32, b));
-                    }
+        while let Some(cell) = words.get(w) {
+            if cell.load(Ordering::Relaxed) != 0 {
+                let mut bits = cell.swap(0, Ordering::AcqRel);
+                area.bitmap().mark_dirty(base as usize + w * 8, 8);
+                while bits != 0 {
+                    let b = bits.trailing_zeros();
+                    bits &= bits - 1;
+                    out.push((w as u32, b));
                 }
             }
             w += 64;
