@@ -318,13 +318,20 @@ impl Vrdma {
     /// processed under the lock just after; if the device is stopped meanwhile, they are
     /// dropped, as resume rescans every queue anyway.
     pub fn queue_notify(&self, index: u16) {
-        let rung = (index == abi::EVENTQ).then(|| {
+        let mut rung = crate::state::Doorbells::default();
+        if index == abi::EVENTQ {
             crate::prefetch::for_write((&self.state as *const Mutex<State>).cast());
             let area = self.doorbells.lock().unwrap_or_else(|e| e.into_inner());
-            area.as_ref().map(|a| {
-                crate::state::take_doorbells(&a.mem, a.gpa, self.cfg.max_qp, self.cfg.max_cq)
-            })
-        });
+            if let Some(a) = area.as_ref() {
+                crate::state::take_doorbells(
+                    &a.mem,
+                    a.gpa,
+                    self.cfg.max_qp,
+                    self.cfg.max_cq,
+                    &mut rung,
+                );
+            }
+        }
         let work = {
             let mut st = self.lock();
             if !st.mig.processes_guest_work() {
@@ -336,7 +343,7 @@ impl Vrdma {
                     st.process_ctrlq();
                     self.note_doorbells(&st);
                 }
-                abi::EVENTQ => st.process_doorbells(rung.flatten()),
+                abi::EVENTQ => st.process_doorbells(&rung),
                 _ => tracing::debug!(index, "notification for unknown queue"),
             }
             st.take_fabric_work()

@@ -951,19 +951,15 @@ impl State {
     }
 
     /// The doorbell: new event buffers, and the SQ doorbells and CQ arm requests that
-    /// [`take_doorbells`] took (`None`: no doorbell area to scan).
-    pub fn process_doorbells(&mut self, rung: Option<Doorbells>) {
-        let Some(Doorbells { sq, cq }) = rung else {
-            self.flush_events();
-            return;
-        };
-        for (word, bit) in sq {
+    /// [`take_doorbells`] took (none when there is no doorbell area).
+    pub fn process_doorbells(&mut self, rung: &Doorbells) {
+        for &(word, bit) in &rung.sq {
             let index = word * 64 + bit;
             if let Some((qpn, _)) = self.core.qps.by_index(index) {
                 self.process_sq(qpn);
             }
         }
-        for (word, bit) in cq {
+        for &(word, bit) in &rung.cq {
             self.core.process_arm(word * 64 + bit);
         }
         self.settle();
@@ -1166,6 +1162,7 @@ impl State {
 /// our summary exchange leaves its summary bit set for the next scan.
 /// The doorbells a scan of the doorbell area took: `(word, bit)` of each set bit of the SQ and
 /// the CQ-arm bitmaps.
+#[derive(Default)]
 pub(crate) struct Doorbells {
     sq: smallvec::SmallVec<[(u32, u32); 8]>,
     cq: smallvec::SmallVec<[(u32, u32); 8]>,
@@ -1179,20 +1176,29 @@ pub(crate) fn take_doorbells(
     db: u64,
     max_qp: u32,
     max_cq: u32,
-) -> Doorbells {
+    out: &mut Doorbells,
+) {
     let cq_base = abi::db_cq_bitmap_offset(max_qp);
     // Both bitmaps and their summaries in one slice: one region lookup per entry. The area
     // was checked to lie in one region when it was registered (and on restore).
     let area = gm::slice(mem, db, (cq_base + abi::bitmap_bytes(max_cq)) as usize);
-    Doorbells {
-        sq: take_bits(
-            area.as_ref(),
-            abi::DB_SQ_SUMMARY_OFFSET,
-            abi::DB_SQ_BITMAP_OFFSET,
-            max_qp,
-        ),
-        cq: take_bits(area.as_ref(), abi::DB_CQ_SUMMARY_OFFSET, cq_base, max_cq),
-    }
+    let Some(area) = area.as_ref() else {
+        return;
+    };
+    take_bits(
+        area,
+        abi::DB_SQ_SUMMARY_OFFSET,
+        abi::DB_SQ_BITMAP_OFFSET,
+        max_qp,
+        &mut out.sq,
+    );
+    take_bits(
+        area,
+        abi::DB_CQ_SUMMARY_OFFSET,
+        cq_base,
+        max_cq,
+        &mut out.cq,
+    );
 }
 
 /// The `n` u64 words at byte `base` of `area`, as atomics (one bounds and alignment check for
@@ -1214,27 +1220,24 @@ fn atomic_words<'a>(area: &'a gm::GuestSlice<'_>, base: u64, n: u64) -> Option<&
 }
 
 fn take_bits(
-    area: Option<&gm::GuestSlice<'_>>,
+    area: &gm::GuestSlice<'_>,
     summary: u64,
     base: u64,
     max: u32,
-) -> smallvec::SmallVec<[(u32, u32); 8]> {
-    let mut out = smallvec::SmallVec::new();
-    let Some(area) = area else {
-        return out;
-    };
+    out: &mut smallvec::SmallVec<[(u32, u32); 8]>,
+) {
     let Ok(sum) = area.get_atomic_ref::<AtomicU64>(summary as usize) else {
-        return out;
+        return;
     };
     if sum.load(Ordering::Relaxed) == 0 {
-        return out;
+        return;
     }
     let mut flagged = sum.swap(0, Ordering::AcqRel);
     // Atomic references bypass vm-memory's dirty log: record the cleared words by hand, so a
     // pre-copy round sees them (docs/migration.md).
     area.bitmap().mark_dirty(summary as usize, 8);
     let Some(words) = atomic_words(area, base, abi::bitmap_bytes(max) / 8) else {
-        return out;
+        return;
     };
     while flagged != 0 {
         let first = flagged.trailing_zeros() as usize;
@@ -1254,5 +1257,4 @@ fn take_bits(
             w += 64;
         }
     }
-    out
 }
