@@ -3354,3 +3354,53 @@ fn direct_path_under_contention_keeps_order() {
     assert!(s.direct > 0, "{s:?}");
     println!("contention: {s:?}");
 }
+
+/// A doorbell rung while the device is stopped for migration (a vCPU the VMM did not pause, or a
+/// ring just before the pause): the device may take the doorbell bits before it finds itself
+/// stopped, and then drops them. Nothing is lost: resume rescans every send queue, so the WRs
+/// run then, each with its one completion, and the data lands.
+#[test]
+fn doorbell_rung_while_stopped_runs_on_resume() {
+    let fabric = SoftFabric::new();
+    let (va, vb) = (Vm::new(&fabric, 1), Vm::new(&fabric, 2));
+    let (mut a, b) = (node(&va, 16 << 10), node(&vb, 16 << 10));
+    a.buf.fill_pattern(77);
+    let src = a.buf.read_vec(0, 4096);
+    let mut qa = a.qp(|_| {});
+    let qb = b.qp(|_| {});
+    connect_with(&a, &qa, &b, &qb, |_| {}, |_| {});
+
+    va.device.stop().unwrap();
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::write(1, &[a.mr.sge(0, 4096)], b.mr.addr(0), b.mr.rkey),
+            SendWr::write(2, &[a.mr.sge(0, 100)], b.mr.addr(8192), b.mr.rkey),
+        ],
+    )
+    .unwrap();
+    // Stopped: nothing runs, nothing completes, the peer's memory is untouched.
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    assert_eq!(b.buf.read_vec(0, 4096), vec![0u8; 4096]);
+    // The device took the doorbell (its bits are clear) and dropped it.
+    let (db, _) = a.d.doorbell_area();
+    let summary: u64 = vm_memory::Bytes::read_obj(
+        &*va.mem,
+        vm_memory::GuestAddress(db.0 + abi::DB_SQ_SUMMARY_OFFSET),
+    )
+    .unwrap();
+    assert_eq!(
+        summary, 0,
+        "SQ summary still set: the doorbell was not taken"
+    );
+
+    va.device.resume().unwrap();
+    let c = poll_exact(&a.d, &mut a.cq, 2);
+    assert_eq!(
+        c.iter().map(|c| (c.wr_id, c.status)).collect::<Vec<_>>(),
+        [(1, abi::WC_SUCCESS), (2, abi::WC_SUCCESS)]
+    );
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    assert_eq!(b.buf.read_vec(0, 4096), src);
+    assert_eq!(b.buf.read_vec(8192, 100), src[..100]);
+}
