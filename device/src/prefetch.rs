@@ -24,7 +24,11 @@ pub(crate) fn for_write(p: *const u8) {
             // SAFETY: the CPU has PREFETCHW (checked above); a prefetch never faults, writes
             // nothing and reads nothing into the program, whatever the address.
             unsafe {
-                std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
+                std::arch::asm!(
+                    "prefetchw [{0}]",
+                    in(reg) p,
+                    options(nostack, preserves_flags, readonly)
+                );
             }
         } else {
             // SAFETY: as above, for a plain prefetch (SSE, part of x86-64).

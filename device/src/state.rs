@@ -1155,11 +1155,6 @@ impl State {
     }
 }
 
-/// Atomically takes (clears) the set bits of a doorbell bitmap covering indices `0..=max` at
-/// byte `base` of the doorbell `area`, visiting only the words its summary word (at byte
-/// `summary` of the area) flags: summary first, then each flagged word, both with an atomic
-/// exchange (ABI §8.3). A driver sets the word bit before the summary bit, so a bit set after
-/// our summary exchange leaves its summary bit set for the next scan.
 /// The doorbells a scan of the doorbell area took: `(word, bit)` of each set bit of the SQ and
 /// the CQ-arm bitmaps.
 #[derive(Default)]
@@ -1168,7 +1163,7 @@ pub(crate) struct Doorbells {
     cq: smallvec::SmallVec<[(u32, u32); 8]>,
 }
 
-/// Takes (clears and returns) the rung doorbells of the area at `db` in `mem`, for a device of
+/// Takes (clears) the rung doorbells of the area at `db` in `mem` into `out`, for a device of
 /// `max_qp` QPs and `max_cq` CQs. Atomic swaps on guest memory: it needs no device lock, and a
 /// bit taken here is processed by the caller's next locked entry.
 pub(crate) fn take_doorbells(
@@ -1219,6 +1214,11 @@ fn atomic_words<'a>(area: &'a gm::GuestSlice<'_>, base: u64, n: u64) -> Option<&
     Some(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), n as usize) })
 }
 
+/// Atomically takes (clears) the set bits of a doorbell bitmap covering indices `0..=max` at
+/// byte `base` of the doorbell `area`, appending `(word, bit)` of each to `out`. Visits only
+/// the words its summary word (at byte `summary` of the area) flags: summary first, then each
+/// flagged word, both with an atomic exchange (ABI §8.3). A driver sets the word bit before the summary bit, so a bit set after
+/// our summary exchange leaves its summary bit set for the next scan.
 fn take_bits(
     area: &gm::GuestSlice<'_>,
     summary: u64,
