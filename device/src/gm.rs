@@ -9,30 +9,11 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::bitmap::{Bitmap, BS};
-use vm_memory::{
-    AtomicAccess, ByteValued, Bytes, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
-    VolatileMemory,
-};
-use vrdma_memory::DirtyBitmap;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{AtomicAccess, ByteValued, Bytes, VolatileMemory};
 
 use crate::GuestMemoryMmap;
-
-/// The region of `mem` that holds all of `[gpa, gpa + len)`, and `gpa`'s offset in it. A
-/// linear scan: guest memories have one or a few regions, and this avoids vm-memory's generic
-/// lookup and slice construction on the data path.
-#[inline]
-fn region_of(
-    mem: &GuestMemoryMmap,
-    gpa: u64,
-    len: u64,
-) -> Option<(&GuestRegionMmap<DirtyBitmap>, usize)> {
-    let end = gpa.checked_add(len)?;
-    mem.iter().find_map(|r| {
-        let start = r.start_addr().0;
-        (gpa >= start && end - start <= r.len()).then(|| (r, (gpa - start) as usize))
-    })
-}
+use vrdma_memory::region_of;
 
 /// Copies `len` bytes at `src` in `src_mem` to `dst` in `dst_mem` (the two may be the same
 /// memory; the ranges may overlap) and records the destination pages in `dst_mem`'s dirty
@@ -64,16 +45,7 @@ pub fn copy(
     true
 }
 
-/// A volatile slice of guest memory, with its dirty log.
-pub type GuestSlice<'a> = vm_memory::VolatileSlice<'a, BS<'a, DirtyBitmap>>;
-
-/// The volatile slice `[gpa, gpa + len)` of the one region that holds all of it (dirty
-/// tracking included); `None` if no region does.
-#[inline]
-pub fn slice(mem: &GuestMemoryMmap, gpa: u64, len: usize) -> Option<GuestSlice<'_>> {
-    let (r, off) = region_of(mem, gpa, len as u64)?;
-    std::ops::Deref::deref(r).get_slice(off, len).ok()
-}
+pub use vrdma_memory::{region_slice as slice, GuestSlice};
 
 /// Runs `f` on [`slice`]`(mem, gpa, len)`.
 #[inline]

@@ -7,34 +7,24 @@
 
 use std::sync::atomic::Ordering;
 
-use vm_memory::bitmap::BS;
 use vm_memory::{
     Address, AtomicAccess, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError,
-    GuestMemoryRegion, VolatileMemory, VolatileSlice,
 };
-use vrdma_memory::DirtyBitmap;
 
 use crate::GuestMemoryMmap;
 
-/// A volatile slice of guest memory, with its dirty log.
-pub(crate) type GuestSlice<'a> = VolatileSlice<'a, BS<'a, DirtyBitmap>>;
+pub(crate) use vrdma_memory::GuestSlice;
 
-/// The volatile slice `[gpa, gpa + len)` of the region that holds all of it.
+/// The volatile slice `[gpa, gpa + len)` of the region that holds all of it; if none does,
+/// vm-memory's error for the range.
 #[inline]
 pub(crate) fn slice(
     mem: &GuestMemoryMmap,
     gpa: GuestAddress,
     len: usize,
 ) -> Result<GuestSlice<'_>, GuestMemoryError> {
-    let a = gpa.raw_value();
-    let found = a.checked_add(len as u64).and_then(|end| {
-        mem.iter().find_map(|r| {
-            let start = r.start_addr().raw_value();
-            (a >= start && end - start <= r.len()).then(|| (r, (a - start) as usize))
-        })
-    });
-    match found {
-        Some((r, off)) => Ok(std::ops::Deref::deref(r).get_slice(off, len)?),
+    match vrdma_memory::region_slice(mem, gpa.raw_value(), len) {
+        Some(s) => Ok(s),
         None => mem.get_slice(gpa, len),
     }
 }

@@ -26,7 +26,7 @@ use std::fmt;
 use std::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
 
 /// Guest memory with a switchable dirty log per region.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
@@ -104,6 +104,30 @@ impl DirtyBitmap {
     pub fn get_and_reset(&self) -> Vec<u64> {
         self.log.get_and_reset()
     }
+}
+
+/// A volatile slice of guest memory, with its dirty log.
+pub type GuestSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, DirtyBitmap>>;
+
+/// The region of `mem` that holds all of `[gpa, gpa + len)`, and `gpa`'s offset in it; `None`
+/// if no one region does. A linear scan: guest memories have one or a few regions, and the data
+/// path's accesses (a ring slot, an index, a doorbell word) each lie in one, so this avoids
+/// vm-memory's generic, region-spanning lookup.
+#[inline]
+pub fn region_of(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Option<(&GuestRegionMmap, usize)> {
+    let end = gpa.checked_add(len)?;
+    mem.iter().find_map(|r| {
+        let start = r.start_addr().0;
+        (gpa >= start && end - start <= r.len()).then(|| (r, (gpa - start) as usize))
+    })
+}
+
+/// The volatile slice `[gpa, gpa + len)` of the one region that holds all of it (bounds-checked,
+/// dirty-tracked); `None` if no region does.
+#[inline]
+pub fn region_slice(mem: &GuestMemoryMmap, gpa: u64, len: usize) -> Option<GuestSlice<'_>> {
+    let (r, off) = region_of(mem, gpa, len as u64)?;
+    std::ops::Deref::deref(r).get_slice(off, len).ok()
 }
 
 /// The bitmap of a whole region.
