@@ -354,14 +354,23 @@ impl Vrdma {
     /// Records where the state says the doorbell area is (after anything that may change it:
     /// activation, control commands, reset, resume). Called with the state locked.
     fn note_doorbells(&self, st: &State) {
-        let area = match (&st.core.mem, st.core.db_gpa) {
-            (Some(mem), Some(gpa)) => Some(DoorbellArea {
-                mem: mem.clone(),
-                gpa,
-            }),
-            _ => None,
+        let mut noted = self.doorbells.lock().unwrap_or_else(|e| e.into_inner());
+        let same = match (&*noted, &st.core.mem, st.core.db_gpa) {
+            (Some(a), Some(mem), Some(gpa)) => a.gpa == gpa && Arc::ptr_eq(&a.mem, mem),
+            (None, _, None) | (None, None, _) => true,
+            _ => false,
         };
-        *self.doorbells.lock().unwrap_or_else(|e| e.into_inner()) = area;
+        // Unchanged (most control commands): no clone, so no write to the memory's reference
+        // count, whose line the guest's and the peers' threads read.
+        if !same {
+            *noted = match (&st.core.mem, st.core.db_gpa) {
+                (Some(mem), Some(gpa)) => Some(DoorbellArea {
+                    mem: mem.clone(),
+                    gpa,
+                }),
+                _ => None,
+            };
+        }
     }
 
     /// Resets the device: every outstanding work request is flushed to its CQ (so none is
