@@ -187,7 +187,11 @@ impl SoftQp {
     /// this device's GID). Ops leave in order; one must wait if it is malformed (it fails the
     /// QP when it reaches the head), a READ/atomic over the depth, or fenced behind an
     /// outstanding READ/atomic.
-    fn next_request(&mut self, mem: &Arc<crate::GuestMemoryMmap>, src: abi::Gid) -> Option<Packet> {
+    fn next_request(
+        &mut self,
+        mem: Option<&Arc<crate::GuestMemoryMmap>>,
+        src: abi::Gid,
+    ) -> Option<Packet> {
         let max_rd = (self.info.max_rd_atomic as u32).max(1);
         let op = self.ops.get_mut(self.sent)?;
         let rd = op.is_rd_atomic();
@@ -558,7 +562,7 @@ impl SoftBackend {
         // Send the unsent ops in order, as packets.
         let src = self.port.gid();
         let mut any = false;
-        while let Some(pkt) = qp.next_request(ops.memory_handle(), src) {
+        while let Some(pkt) = qp.next_request(Some(ops.memory_handle()), src) {
             // Sent, in order, when the device entry ends.
             self.outbox.push_back(pkt);
             any = true;
@@ -648,9 +652,11 @@ impl SoftBackend {
                     return;
                 };
                 let peer_qpn = qp.info.dest_qpn;
-                while let Some(pkt) = qp.next_request(ops.memory_handle(), src) {
+                // The requests' payloads borrow this device's memory for the call.
+                let lender = ops.memory_handle();
+                while let Some(pkt) = qp.next_request(None, src) {
                     handed += 1;
-                    engine.respond(peer_ops, pkt, true);
+                    engine.respond(peer_ops, pkt, Some(lender));
                     // A NAK or a READ/atomic response: complete it before sending more.
                     if !engine.outbox.is_empty() {
                         break;
@@ -810,7 +816,7 @@ impl SoftBackend {
                     qkey: dest.qkey,
                     imm: op.wr.imm,
                     solicited: op.wr.flags & abi::SEND_F_SOLICITED != 0,
-                    payload: payload_of(ops.memory_handle(), &op.wr),
+                    payload: payload_of(Some(ops.memory_handle()), &op.wr),
                 },
             };
             self.send(pkt);
@@ -825,7 +831,7 @@ impl SoftBackend {
     fn handle(&mut self, ops: &mut dyn DeviceOps, pkt: Packet) {
         match &pkt.body {
             Body::Send { .. } | Body::Write { .. } | Body::ReadReq { .. } | Body::Atomic { .. } => {
-                self.respond(ops, pkt, false)
+                self.respond(ops, pkt, None)
             }
             Body::Ack { .. } | Body::ReadResp { .. } | Body::AtomicAck { .. } => {
                 self.complete(ops, pkt)
@@ -836,9 +842,15 @@ impl SoftBackend {
 
     // ---- responder --------------------------------------------------------------------------
 
-    /// Executes a request. `direct`: on the direct path, where the caller takes the positive
-    /// ACK from the QP at once ([`SoftBackend::take_direct_ack`]) instead of it being queued.
-    fn respond(&mut self, ops: &mut dyn DeviceOps, mut pkt: Packet, direct: bool) {
+    /// Executes a request. `direct`: on the direct path, the requester's memory (which
+    /// [`Payload::Lent`] payloads are in), where the caller takes the positive ACK from the QP
+    /// at once ([`SoftBackend::take_direct_ack`]) instead of it being queued.
+    fn respond(
+        &mut self,
+        ops: &mut dyn DeviceOps,
+        mut pkt: Packet,
+        direct: Option<&crate::GuestMemoryMmap>,
+    ) {
         let qpn = pkt.dst_qpn;
         let Some(qp) = self.qps.get_mut(&qpn) else {
             return; // Unknown QPN: dropped, as on a wire.
@@ -908,7 +920,7 @@ impl SoftBackend {
                     self.fail(ops, qpn, 0);
                     return;
                 }
-                payload.copy_to(ops.memory(), &recv.segs);
+                payload.copy_to(direct, ops.memory(), &recv.segs);
                 ops.complete_recv(
                     qpn,
                     Completion {
@@ -961,7 +973,7 @@ impl SoftBackend {
                 } else {
                     None
                 };
-                payload.copy_to(ops.memory(), &segs);
+                payload.copy_to(direct, ops.memory(), &segs);
                 if let Some(r) = recv {
                     ops.complete_recv(
                         qpn,
@@ -1030,7 +1042,7 @@ impl SoftBackend {
         } else {
             0
         };
-        self.defer_ack(&pkt, last, msn, direct);
+        self.defer_ack(&pkt, last, msn, direct.is_some());
     }
 
     /// Records a positive ACK for `req`'s QP, to be sent when the inbox drain ends (or before
@@ -1193,7 +1205,7 @@ impl SoftBackend {
         let mem = ops.memory_handle().clone();
         mr::write_segs(&mem, &recv.segs, &grh);
         let tail = split_segs(&recv.segs, abi::GRH_SIZE as u64);
-        payload.copy_to(&mem, &tail);
+        payload.copy_to(None, &mem, &tail);
         ops.complete_recv(
             qpn,
             Completion {
@@ -1340,7 +1352,7 @@ impl SoftBackend {
                 }
                 let op = qp.pop_front().expect("front exists");
                 qp.retry_left = qp.info.retry_cnt;
-                payload.copy_to(ops.memory(), &op.wr.local);
+                payload.copy_to(None, ops.memory(), &op.wr.local);
                 Self::complete_op(ops, qpn, &op, abi::WC_SUCCESS, 0);
             }
             Body::AtomicAck { orig } => {
@@ -1457,18 +1469,21 @@ fn recv_completion(wr_id: u64, status: u8) -> Completion {
     }
 }
 
-fn payload_of(mem: &Arc<crate::GuestMemoryMmap>, wr: &SendWr) -> Payload {
-    match &wr.inline {
-        Some(b) => Payload::Bytes(Arc::new(b.clone())),
-        None if wr.local.is_empty() => Payload::Empty,
-        None => Payload::Guest {
+/// The payload of a request: the WR's inline bytes, or its segments of `mem` (lent by the
+/// caller on the direct path when `None`).
+fn payload_of(mem: Option<&Arc<crate::GuestMemoryMmap>>, wr: &SendWr) -> Payload {
+    match (&wr.inline, mem) {
+        (Some(b), _) => Payload::Bytes(Arc::new(b.clone())),
+        (None, _) if wr.local.is_empty() => Payload::Empty,
+        (None, Some(mem)) => Payload::Guest {
             mem: mem.clone(),
             segs: SegList::from_slice(&wr.local),
         },
+        (None, None) => Payload::Lent(SegList::from_slice(&wr.local)),
     }
 }
 
-fn build_request(mem: &Arc<crate::GuestMemoryMmap>, info: &QpInfo, op: &ReqOp) -> Packet {
+fn build_request(mem: Option<&Arc<crate::GuestMemoryMmap>>, info: &QpInfo, op: &ReqOp) -> Packet {
     let wr = &op.wr;
     let solicited = wr.flags & abi::SEND_F_SOLICITED != 0;
     let body = match wr.opcode {

@@ -39,6 +39,12 @@ pub enum Payload {
         /// Segments, in order.
         segs: SegList,
     },
+    /// Segments of the sender's guest memory on the direct path, where the sender lends its
+    /// memory to the responder for the duration of the call (the `lender` of
+    /// [`Payload::copy_to`]). The packet holds no reference of its own: cloning the memory's
+    /// `Arc` would write its count, on the cache line the peer's thread reads to find that
+    /// memory's regions. Never queued, never sent on a wire.
+    Lent(SegList),
 }
 
 impl std::fmt::Debug for Payload {
@@ -47,6 +53,7 @@ impl std::fmt::Debug for Payload {
             Payload::Empty => write!(f, "Empty"),
             Payload::Bytes(b) => write!(f, "Bytes({})", b.len()),
             Payload::Guest { segs, .. } => write!(f, "Guest({:?})", segs),
+            Payload::Lent(segs) => write!(f, "Lent({:?})", segs),
         }
     }
 }
@@ -57,7 +64,7 @@ impl Payload {
         match self {
             Payload::Empty => 0,
             Payload::Bytes(b) => b.len() as u64,
-            Payload::Guest { segs, .. } => mr::total_len(segs),
+            Payload::Guest { segs, .. } | Payload::Lent(segs) => mr::total_len(segs),
         }
     }
 
@@ -66,12 +73,23 @@ impl Payload {
         self.len() == 0
     }
 
-    /// Copies the payload into `dst` segments of `mem`; returns the bytes copied.
-    pub fn copy_to(&self, mem: &GuestMemoryMmap, dst: &[Seg]) -> u64 {
+    /// Copies the payload into `dst` segments of `mem`; returns the bytes copied. `lender`
+    /// is the sender's memory for a [`Payload::Lent`] payload; without it such a payload
+    /// copies nothing.
+    pub fn copy_to(
+        &self,
+        lender: Option<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        dst: &[Seg],
+    ) -> u64 {
         match self {
             Payload::Empty => 0,
             Payload::Bytes(b) => mr::write_segs(mem, dst, b),
             Payload::Guest { mem: src, segs } => mr::copy_between(src, segs, mem, dst),
+            Payload::Lent(segs) => {
+                debug_assert!(lender.is_some(), "a lent payload outside the direct path");
+                lender.map_or(0, |src| mr::copy_between(src, segs, mem, dst))
+            }
         }
     }
 
@@ -84,6 +102,10 @@ impl Payload {
                 let mut v = Vec::new();
                 mr::read_segs(mem, segs, &mut v);
                 v
+            }
+            Payload::Lent(_) => {
+                debug_assert!(false, "a lent payload outside the direct path");
+                Vec::new()
             }
         }
     }
@@ -226,7 +248,41 @@ pub const SRC_QPN_WIRE: u32 = u32::MAX;
 
 #[cfg(test)]
 mod tests {
-    use super::psn;
+    use super::{psn, Payload};
+    use crate::mr::{Seg, SegList};
+    use crate::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn lent_payload_copies_from_the_lender() {
+        let mem = |fill: u8| {
+            let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+            m.write_slice(&[fill; 0x2000], GuestAddress(0)).unwrap();
+            m
+        };
+        let (src, dst) = (mem(0), mem(0xee));
+        src.write_slice(b"hello, ", GuestAddress(0x100)).unwrap();
+        src.write_slice(b"world", GuestAddress(0x1ff0)).unwrap();
+        let segs: SegList = [
+            Seg { gpa: 0x100, len: 7 },
+            Seg {
+                gpa: 0x1ff0,
+                len: 5,
+            },
+        ]
+        .into_iter()
+        .collect();
+        let p = Payload::Lent(segs);
+        assert_eq!(p.len(), 12);
+        let dst_segs = [Seg {
+            gpa: 0x800,
+            len: 12,
+        }];
+        assert_eq!(p.copy_to(Some(&src), &dst, &dst_segs), 12);
+        let mut got = [0u8; 14];
+        dst.read_slice(&mut got, GuestAddress(0x7ff)).unwrap();
+        assert_eq!(&got, b"\xeehello, world\xee");
+    }
 
     #[test]
     fn psn_wraps() {
