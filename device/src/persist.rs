@@ -879,6 +879,9 @@ impl State {
         }
         st.activate(mem.clone(), queues, irq);
         st.core = restore_core(cfg, &mem, st.acked_features, core, mrs, precopy)?;
+        // The restored core raises CQ notifications through the interrupt `activate` gave the
+        // core it replaces.
+        st.core.irq = st.active.as_ref().map(|a| a.irq.clone());
         let c = &st.core;
         let limits = |qpn: u32| {
             c.qps.get(qpn).map(|q| QpLimits {

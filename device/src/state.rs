@@ -147,6 +147,9 @@ pub(crate) struct Core {
     /// QPs that entered SQD and have not yet reported EV_SQ_DRAINED.
     pub draining: Vec<u32>,
     pub moderation: Moderation,
+    /// The interrupt of the active device (a handle to the one in `State::active`), for CQ
+    /// notifications raised as soon as they are set ([`Core::signal_cq`]).
+    pub irq: Option<Arc<dyn Interrupt>>,
     /// CQ notifications set in the CQ-notify bitmap since the last `flush_events`
     /// (`VRDMA_F_CQ_NOTIFY`); each counts as one event for moderation.
     pub cq_notified: u32,
@@ -198,6 +201,7 @@ impl Core {
             pending_fail: Vec::new(),
             draining: Vec::new(),
             moderation: Moderation::default(),
+            irq: None,
             cq_notified: 0,
         }
     }
@@ -205,7 +209,8 @@ impl Core {
     /// Reports that CQ `cqn` met its arm condition (ABI §9.5): with `VRDMA_F_CQ_NOTIFY`, sets
     /// the CQ's bit in the CQ-notify bitmap, then its word's bit in `cq_notify_summary`, both
     /// with an atomic OR (the CQE was stored before, so it is visible before the bit); the
-    /// interrupt follows from `flush_events`. Otherwise queues `EV_CQ_COMP`.
+    /// interrupt follows at once if moderation allows, else from `flush_events`. Otherwise
+    /// queues `EV_CQ_COMP`.
     fn signal_cq(&mut self, cqn: u32) {
         if self.features & abi::VRDMA_F_CQ_NOTIFY != 0 {
             if let (Some(mem), Some(db)) = (self.mem.as_ref(), self.db_gpa) {
@@ -223,6 +228,21 @@ impl Core {
                         db + abi::DB_CQ_NOTIFY_SUMMARY_OFFSET,
                         abi::db_summary_bit(word),
                     );
+                    // When moderation lets this notification interrupt at once, it does so here
+                    // rather than when the device entry ends: the guest it wakes starts ~0.1 µs
+                    // earlier. Otherwise `flush_events` counts it with the entry's other events.
+                    if let Some(irq) = self.irq.as_ref() {
+                        let m = &mut self.moderation;
+                        if m.pending.saturating_add(1) >= m.max_events.max(1) {
+                            // As `State::raise_event_irq`: this interrupt covers every event
+                            // delivered before it, and a CQ notification is always sent.
+                            m.pending = 0;
+                            m.first_pending = None;
+                            m.notify = false;
+                            let _ = irq.trigger(InterruptKind::Queue(abi::EVENTQ));
+                            return;
+                        }
+                    }
                     self.cq_notified = self.cq_notified.saturating_add(1);
                 }
                 return;
@@ -757,6 +777,7 @@ impl State {
     ) {
         self.core.set_memory(mem.clone());
         self.core.features = self.acked_features;
+        self.core.irq = Some(irq.clone());
         self.active = Some(Active { mem, queues, irq });
     }
 
@@ -1138,6 +1159,8 @@ impl State {
 
     /// Device reset: flush every outstanding WR, then forget everything.
     pub fn reset(&mut self) {
+        // The flushes below write CQEs but raise no interrupt (the device is going away).
+        self.core.irq = None;
         if self.core.mem.is_some() {
             for qpn in self.core.qps.handles() {
                 self.flush_qp(qpn, None);
