@@ -161,7 +161,6 @@ impl SoftQp {
     /// Assigns the PSNs of the op just appended (the last one); returns whether its WR is
     /// malformed.
     fn number_last(&mut self) -> bool {
-        let mtu = self.info.mtu.max(256) as u64;
         let first = self.next_psn;
         let Some(op) = self.ops.back_mut() else {
             return false;
@@ -175,7 +174,7 @@ impl SoftQp {
         ) {
             1
         } else {
-            wr.len.div_ceil(mtu).clamp(1, psn::MASK as u64 / 2) as u32
+            packets(wr.len, self.info.mtu)
         };
         op.psn = first;
         op.npsn = npsn;
@@ -222,9 +221,22 @@ impl SoftQp {
     }
 
     fn npsn(&self, len: u64) -> u32 {
-        let mtu = self.info.mtu.max(256) as u64;
-        len.div_ceil(mtu).clamp(1, psn::MASK as u64 / 2) as u32
+        packets(len, self.info.mtu)
     }
+}
+
+/// The packets (PSNs) of a `len`-byte message at path MTU `mtu` (at least 256): at least one.
+/// Path MTUs are powers of two, so this shifts instead of dividing (a 64-bit division on every
+/// post and every request); any other value, which only a bad migration stream could bring,
+/// still divides.
+fn packets(len: u64, mtu: u32) -> u32 {
+    let mtu = mtu.max(256) as u64;
+    let n = if mtu.is_power_of_two() {
+        (len >> mtu.trailing_zeros()) + u64::from(len & (mtu - 1) != 0)
+    } else {
+        len.div_ceil(mtu)
+    };
+    n.clamp(1, psn::MASK as u64 / 2) as u32
 }
 
 /// An operation just appended to a QP's send queue ([`SoftBackend::send_slot`]).
@@ -1920,5 +1932,34 @@ impl SoftBackend {
             }
         }
         self.port.fabric().announce(&self.port.gid(), false, &peers);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{packets, psn};
+
+    #[test]
+    fn packets_shift_as_the_division_would() {
+        for mtu in [0u32, 256, 512, 1024, 2048, 4096, 1000, 1500] {
+            let m = mtu.max(256) as u64;
+            for len in [
+                0u64,
+                1,
+                255,
+                256,
+                257,
+                4095,
+                4096,
+                4097,
+                1 << 20,
+                (1 << 31) + 3,
+            ] {
+                let want = len.div_ceil(m).clamp(1, psn::MASK as u64 / 2) as u32;
+                assert_eq!(packets(len, mtu), want, "len {len} mtu {mtu}");
+            }
+        }
+        // More packets than half the PSN space: clamped, as before.
+        assert_eq!(packets(u64::MAX, 256), psn::MASK / 2);
     }
 }
