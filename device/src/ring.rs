@@ -68,8 +68,9 @@ impl Ring {
         let rel = idx & (self.depth - 1);
         let off = (1 + rel as u64) * self.stride as u64;
         // Slots are stride-aligned and stride divides the page size: a slot never crosses a page.
+        // The stride is a power of two (checked in `new`): a shift, not a division per fetch.
         let in_page = ((abi::VRDMA_PAGE_SIZE - (off & (abi::VRDMA_PAGE_SIZE - 1)))
-            / self.stride as u64) as u32;
+            >> self.stride.trailing_zeros()) as u32;
         let before_wrap = self.depth - rel;
         (self.slot(idx), max.min(in_page).min(before_wrap))
     }

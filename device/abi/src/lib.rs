@@ -841,9 +841,16 @@ pub const CQE_SIZE: u32 = 64;
 /// Byte offset of [`Cqe::owner`].
 pub const CQE_OWNER_OFFSET: u64 = 63;
 
-/// Owner value the device writes for absolute CQE position `pos` in a ring of `depth` slots.
+/// Owner value the device writes for absolute CQE position `pos` in a ring of `depth` slots:
+/// 1 on the first lap, 0 on the second, and so on (`depth` is a power of two; the lap is then a
+/// shift, not a division, on every CQE written and polled).
 pub const fn cqe_owner(pos: u32, depth: u32) -> u8 {
-    (((pos / depth) & 1) ^ 1) as u8
+    let lap = if depth.is_power_of_two() {
+        pos >> depth.trailing_zeros()
+    } else {
+        pos / depth
+    };
+    ((lap & 1) ^ 1) as u8
 }
 
 // Completion status (verbs values).
@@ -1042,6 +1049,9 @@ mod tests {
         assert_eq!(cqe_owner(4, 4), 0);
         assert_eq!(cqe_owner(8, 4), 1);
         assert_eq!(cqe_owner(u32::MAX, 4), 0);
+        // Not a power of two (never a valid depth): still the lap by division.
+        assert_eq!(cqe_owner(5, 3), 0);
+        assert_eq!(cqe_owner(6, 3), 1);
     }
 
     #[test]
