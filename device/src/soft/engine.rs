@@ -655,6 +655,7 @@ impl SoftBackend {
         // The peer's responses: completed while it is locked when they carry data, else
         // after (no move of the list in between).
         let mut replies: SmallVec<[Packet; 2]> = SmallVec::new();
+        let mut ack: Option<(AckDue, u32)> = None;
         loop {
             let mut handed = 0;
             let mut progress = false;
@@ -675,8 +676,10 @@ impl SoftBackend {
                     }
                 }
                 engine.take_replies(src, qpn, &mut replies);
-                replies.extend(engine.take_direct_ack(peer_qpn));
-                progress = !replies.is_empty();
+                // The positive ACK (always the last response) is only taken here; it becomes a
+                // packet and is completed after the peer is unlocked, after `replies`.
+                ack = engine.take_direct_ack(peer_qpn).map(|a| (a, peer_qpn));
+                progress = !replies.is_empty() || ack.is_some();
                 // A response with data is completed while the peer is still locked: a READ
                 // response is copied from the peer's memory as the responder found it, before
                 // its guest can change it. Plain ACKs/NAKs wait until the peer is unlocked and
@@ -694,6 +697,9 @@ impl SoftBackend {
             };
             for pkt in replies.drain(..) {
                 self.complete_response(ops, pkt);
+            }
+            if let Some((a, peer_qpn)) = ack.take() {
+                self.complete_response(ops, a.packet(peer_qpn));
             }
             self.port.count_direct(handed);
             self.work.extend(work);
@@ -713,10 +719,10 @@ impl SoftBackend {
     }
 
     /// The positive ACK the direct path's last request left on the QP (the last response:
-    /// anything sent before it went through the outbox).
-    fn take_direct_ack(&mut self, qpn: u32) -> Option<Packet> {
-        let ack = self.qps.get_mut(&qpn)?.resp.ack_due.take()?;
-        Some(ack.packet(qpn))
+    /// anything sent before it went through the outbox), taken as it is: the caller builds its
+    /// packet once the peer is unlocked.
+    fn take_direct_ack(&mut self, qpn: u32) -> Option<AckDue> {
+        self.qps.get_mut(&qpn)?.resp.ack_due.take()
     }
 
     /// Moves the packets this engine queued for `(gid, qpn)` (the responses of the direct
