@@ -308,6 +308,10 @@ where
         let mut stamps = Vec::with_capacity(if client { total + 1 } else { 0 });
         let mut cqes = [Cqe::default(); 64];
         barrier.wait();
+        // perftest's loop on both sides: wait for the peer's message (the client's first
+        // iteration starts with its own), post, reap send completions; the next wait follows.
+        // Reaping between the post and the wait keeps it off the path from the peer's message
+        // to this side's reply, as in perftest.
         for i in 0..total {
             if client {
                 stamps.push(Instant::now());
@@ -315,10 +319,10 @@ where
                 wait(&mut s, i)?;
             }
             post(&mut s, i, raddr, rkey, i % 16 == 15)?;
+            s.drain_send(&mut cqes)?;
             if client {
                 wait(&mut s, i)?;
             }
-            s.drain_send(&mut cqes)?;
         }
         if client {
             stamps.push(Instant::now());
