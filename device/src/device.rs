@@ -320,7 +320,7 @@ impl Vrdma {
     pub fn queue_notify(&self, index: u16) {
         let mut rung = crate::state::Doorbells::default();
         if index == abi::EVENTQ {
-            crate::prefetch::for_write((&self.state as *const Mutex<State>).cast());
+            vrdma_memory::prefetch_for_write((&self.state as *const Mutex<State>).cast());
             let area = self.doorbells.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(a) = area.as_ref() {
                 crate::state::take_doorbells(

@@ -24,7 +24,6 @@ mod gm;
 pub mod interrupt;
 pub mod mr;
 pub mod persist;
-pub(crate) mod prefetch;
 pub mod qp;
 pub mod ring;
 pub mod soft;

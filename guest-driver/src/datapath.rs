@@ -404,7 +404,29 @@ impl Driver {
             abi::RING_ARM_OFFSET as usize,
             Ordering::Release,
         )?;
+        self.note_wake_lines(cq);
         self.doorbell(self.db.cq_bitmap, abi::handle_index(cq.cqn))
+    }
+
+    /// Records where the interrupt that this arm asks for will first be read (see
+    /// [`Driver::wake_lines`]): the notify summary and word (with `VRDMA_F_CQ_NOTIFY`) and the
+    /// CQE the next poll reads.
+    fn note_wake_lines(&self, cq: &Cq) {
+        let host = |gpa: vm_memory::GuestAddress| {
+            crate::gmem::slice(&self.mem, gpa, 1).map_or(0, |s| s.ptr_guard().as_ptr() as usize)
+        };
+        let mut lines = [0usize; 3];
+        if self.features() & abi::VRDMA_F_CQ_NOTIFY != 0 {
+            let word = abi::handle_index(cq.cqn) as u64 / 64 * 8;
+            lines[0] = host(self.db.gpa.unchecked_add(abi::DB_CQ_NOTIFY_SUMMARY_OFFSET));
+            lines[1] = host(self.db.gpa.unchecked_add(self.db.cq_notify_bitmap + word));
+        }
+        lines[2] = host(cq.ring.slot_gpa(cq.cons));
+        for (cell, v) in self.wake_lines.iter().zip(lines) {
+            if cell.load(Ordering::Relaxed) != v {
+                cell.store(v, Ordering::Relaxed);
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::mem::size_of;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,13 @@ pub struct Driver {
     /// CREATE_CQ/DESTROY_CQ sent through [`Driver::ctrl`].
     cq_handles: Box<[AtomicU32]>,
     pub(crate) db: Doorbell,
+    /// Host addresses (0: none) of the lines that handling a CQ interrupt reads first, all
+    /// written by the device's thread on another CPU: `cq_notify_summary`, then the notify word
+    /// and the next CQE of the CQ armed last. Recorded when arming ([`Driver::req_notify_cq`]),
+    /// prefetched as the wait for the interrupt returns, so that the three transfers overlap
+    /// (and the interrupt status read) instead of following each other. Only hints: a stale
+    /// address costs a wasted prefetch.
+    pub(crate) wake_lines: [AtomicUsize; 3],
     pub(crate) stats: crate::datapath::Stats,
 }
 
@@ -222,6 +229,7 @@ impl Driver {
                 cq_notify_bitmap: abi::db_cq_notify_bitmap_offset(config.max_qp, config.max_cq),
                 cq_words: abi::bitmap_bytes(config.max_cq) / 8,
             },
+            wake_lines: Default::default(),
             stats: Default::default(),
         };
         if let Err(e) = drv.activate() {
@@ -365,6 +373,15 @@ impl Driver {
     /// Guest-physical address and length of the doorbell area.
     pub fn doorbell_area(&self) -> (GuestAddress, u64) {
         (self.db.gpa, self.db.len)
+    }
+
+    /// The host addresses that the driver prefetches when an interrupt wakes it, as the last
+    /// [`Driver::req_notify_cq`] recorded them (0: none): `cq_notify_summary`, that CQ's word of
+    /// the CQ-notify bitmap (both only with `VRDMA_F_CQ_NOTIFY`) and its next CQE.
+    pub fn wake_lines(&self) -> [usize; 3] {
+        self.wake_lines
+            .each_ref()
+            .map(|l| l.load(Ordering::Relaxed))
     }
 
     /// Writes `queue` to QueueNotify. Queue 0 = "control requests pending", queue 1 = "event
@@ -1101,7 +1118,18 @@ impl Driver {
                 .transport
                 .wait_interrupt((deadline - now).min(WAIT_SLICE))
             {
+                self.prefetch_wake_lines();
                 self.ack_interrupt();
+            }
+        }
+    }
+
+    /// Starts fetching the [`Driver::wake_lines`].
+    fn prefetch_wake_lines(&self) {
+        for line in &self.wake_lines {
+            let p = line.load(Ordering::Relaxed);
+            if p != 0 {
+                vrdma_memory::prefetch_for_write(p as *const u8);
             }
         }
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vrdma_abi as abi;
 use vrdma_abi::Event;
 use vrdma_device::soft::SoftFabric;
@@ -74,6 +74,36 @@ fn both(f: impl Fn(bool)) {
     for notify in [true, false] {
         f(notify);
     }
+}
+
+/// Arming records the lines that handling the interrupt reads first, which the driver
+/// prefetches as it wakes: the notify summary and the CQ's notify word (with the feature) and
+/// the CQE its next poll reads.
+#[test]
+fn arming_records_the_lines_a_wake_up_reads() {
+    both(|notify| {
+        let (_f, _va, vb, _a, mut b) = two(notify);
+        let host = |gpa: u64| vb.mem.get_host_address(GuestAddress(gpa)).unwrap() as usize;
+        let slot = |cq: &Cq| cq.ring().slot_gpa(cq.cons()).0;
+        assert_eq!(b.d.wake_lines(), [0; 3], "nothing armed yet");
+        b.d.req_notify_cq(&mut b.cq, false).unwrap();
+        let (db, _) = b.d.doorbell_area();
+        let word = abi::handle_index(b.cq.cqn()) as u64 / 64 * 8;
+        let expect_notify = |on: bool, gpa: u64| if on { host(gpa) } else { 0 };
+        assert_eq!(
+            b.d.wake_lines(),
+            [
+                expect_notify(notify, db.0 + abi::DB_CQ_NOTIFY_SUMMARY_OFFSET),
+                expect_notify(notify, db.0 + b.d.cq_notify_bitmap_offset() + word),
+                host(slot(&b.cq)),
+            ],
+            "notify={notify}"
+        );
+        // Another CQ armed later: its lines replace the first one's.
+        let mut other = b.d.create_cq(16).unwrap();
+        b.d.req_notify_cq(&mut other, true).unwrap();
+        assert_eq!(b.d.wake_lines()[2], host(slot(&other)), "notify={notify}");
+    });
 }
 
 #[test]

@@ -758,7 +758,7 @@ impl SoftBackend {
     #[inline]
     pub fn prefetch_peer(&self, qpn: u32) {
         if let Some(hint) = self.qps.get(&qpn).map(|q| q.peer_hint).filter(|&h| h != 0) {
-            crate::prefetch::for_write(hint as *const u8);
+            vrdma_memory::prefetch_for_write(hint as *const u8);
         }
     }
 
