@@ -183,9 +183,17 @@ pub trait DeviceOps {
     fn complete_sends_quiet(&mut self, qpn: u32, n: usize);
     /// A receive WR finished.
     fn complete_recv(&mut self, qpn: u32, c: Completion);
+    /// Host addresses (0: none) of the lines the next receive-consuming request to `qpn` will
+    /// touch in this device's guest memory: the RQ's control block and next slot, the receive
+    /// CQ's control block and next slot, and its CQ-notify word and summary. Hints for a
+    /// prefetch only; the default has none.
+    fn recv_lines(&self, _qpn: u32, _out: &mut [usize; RECV_LINES]) {}
     /// The QP failed: move it to ERR and flush what the core still holds for it.
     fn qp_error(&mut self, qpn: u32, vendor_err: u32);
 }
+
+/// How many lines [`DeviceOps::recv_lines`] reports.
+pub const RECV_LINES: usize = 6;
 
 /// A verbs execution engine.
 pub trait Backend: Send {

@@ -744,6 +744,34 @@ impl DeviceOps for Core {
         }
     }
 
+    fn recv_lines(&self, qpn: u32, out: &mut [usize; crate::backend::RECV_LINES]) {
+        let (Some(mem), Some(qp)) = (self.mem.as_deref(), self.qps.get(qpn)) else {
+            return;
+        };
+        // Only for a CQ the driver arms, i.e. sleeps on: there the requester's next post
+        // comes after a wake-up, and these lines after the driver touched them all. A CQ that
+        // is only polled gets its requests while its driver spins, and the lookups would only
+        // lengthen the hold on this device's lock.
+        let Some(cq) = self.cqs.get(qp.recv_cq).filter(|c| c.arm_seq.is_some()) else {
+            return;
+        };
+        let host = |gpa: u64| gm::slice(mem, gpa, 1).map_or(0, |s| s.ptr_guard().as_ptr() as usize);
+        let mut lines = [0usize; crate::backend::RECV_LINES];
+        lines[0] = host(qp.rq.header());
+        lines[1] = host(qp.rq.slot(qp.rq_cons));
+        lines[2] = host(cq.ring.header());
+        lines[3] = host(cq.ring.slot(cq.prod));
+        if let (Some(db), true) = (self.db_gpa, self.features & abi::VRDMA_F_CQ_NOTIFY != 0) {
+            let index = abi::handle_index(qp.recv_cq);
+            if index <= self.cfg.max_cq {
+                let bitmap = db + abi::db_cq_notify_bitmap_offset(self.cfg.max_qp, self.cfg.max_cq);
+                lines[4] = host(bitmap + (index / 64) as u64 * 8);
+                lines[5] = host(db + abi::DB_CQ_NOTIFY_SUMMARY_OFFSET);
+            }
+        }
+        *out = lines;
+    }
+
     fn complete_recv(&mut self, qpn: u32, c: Completion) {
         if let Some(cq) = self.qps.get(qpn).map(|q| q.recv_cq) {
             self.push_cqe(cq, qpn, &c);

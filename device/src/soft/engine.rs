@@ -22,7 +22,7 @@ use vrdma_abi as abi;
 
 use super::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome, SRC_QPN_WIRE};
 use super::{Port, RouteCache, Work};
-use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv};
+use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv, RECV_LINES};
 use crate::mr::{self, Seg, SegList};
 use crate::qp::{ack_timeout_us, rnr_timer_us};
 
@@ -118,6 +118,10 @@ struct SoftQp {
     /// Where the direct path last found the peer's lock (an address only, for a prefetch:
     /// never dereferenced).
     peer_hint: usize,
+    /// Where the peer's last receive-consuming request (SEND, WRITE with immediate) found the
+    /// lines its responder reads and writes in the peer's guest memory ([`DeviceOps::recv_lines`]),
+    /// prefetched with the peer's lock: addresses only, never dereferenced.
+    peer_lines: [usize; RECV_LINES],
     resp: CachePadded<Resp>,
 }
 
@@ -135,6 +139,7 @@ impl SoftQp {
             rd_out: 0,
             since_ack_req: 0,
             peer_hint: 0,
+            peer_lines: [0; RECV_LINES],
             resp: CachePadded::new(Resp::default()),
         }
     }
@@ -667,13 +672,23 @@ impl SoftBackend {
                 let peer_qpn = qp.info.dest_qpn;
                 // The requests' payloads borrow this device's memory for the call.
                 let lender = ops.memory_handle();
+                let mut took_recv = false;
                 while let Some(pkt) = qp.next_request(None, src) {
                     handed += 1;
+                    took_recv |= matches!(
+                        pkt.body,
+                        Body::Send { .. } | Body::Write { imm: Some(_), .. }
+                    );
                     engine.respond(peer_ops, pkt, Some(lender));
                     // A NAK or a READ/atomic response: complete it before sending more.
                     if !engine.outbox.is_empty() {
                         break;
                     }
+                }
+                // Where the next such request will find the peer's rings, for the prefetch of
+                // this QP's next post (`prefetch_peer`).
+                if took_recv {
+                    peer_ops.recv_lines(peer_qpn, &mut qp.peer_lines);
                 }
                 engine.take_replies(src, qpn, &mut replies);
                 // The positive ACK (always the last response) is only taken here; it becomes a
@@ -755,10 +770,21 @@ impl SoftBackend {
     /// transfer between the cores, which is the whole of the shm floor (~0.17 µs per half round
     /// trip here). The address is the one the direct path last found; a prefetch never faults,
     /// so a stale address (the peer is gone) costs nothing.
+    ///
+    /// With it go the peer's receive-side lines (`SoftQp::peer_lines`) when the QP's last
+    /// request consumed a receive of a CQ the peer sleeps on: after its wake-up the peer's
+    /// driver has touched every one of them (notify bits, CQE, RQ slot, arm), and the responder
+    /// would otherwise miss on them one after the other. Interrupt write-lat, in-process A/B
+    /// over 40 rounds: x0.977 and x0.981.
     #[inline]
     pub fn prefetch_peer(&self, qpn: u32) {
-        if let Some(hint) = self.qps.get(&qpn).map(|q| q.peer_hint).filter(|&h| h != 0) {
-            vrdma_memory::prefetch_for_write(hint as *const u8);
+        let Some(qp) = self.qps.get(&qpn) else {
+            return;
+        };
+        for &line in std::iter::once(&qp.peer_hint).chain(&qp.peer_lines) {
+            if line != 0 {
+                vrdma_memory::prefetch_for_write(line as *const u8);
+            }
         }
     }
 
