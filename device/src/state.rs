@@ -235,10 +235,14 @@ impl Core {
                         let m = &mut self.moderation;
                         if m.pending.saturating_add(1) >= m.max_events.max(1) {
                             // As `State::raise_event_irq`: this interrupt covers every event
-                            // delivered before it, and a CQ notification is always sent.
-                            m.pending = 0;
-                            m.first_pending = None;
-                            m.notify = false;
+                            // delivered before it, and a CQ notification is always sent. Each
+                            // field is written only if it changes: the peer's thread runs this
+                            // on the direct path, and the device's own thread reads this line.
+                            if m.pending != 0 || m.first_pending.is_some() || m.notify {
+                                m.pending = 0;
+                                m.first_pending = None;
+                                m.notify = false;
+                            }
                             let _ = irq.trigger(InterruptKind::Queue(abi::EVENTQ));
                             return;
                         }
