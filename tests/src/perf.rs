@@ -343,6 +343,15 @@ where
     Ok((rtts, a, b))
 }
 
+/// `wr`, unsignaled unless `signaled`.
+fn signal_if(wr: SendWr<'_>, signaled: bool) -> SendWr<'_> {
+    if signaled {
+        wr
+    } else {
+        wr.unsignaled()
+    }
+}
+
 /// `write-lat` through two guests, the device and the soft fabric. Returns round trips in ns.
 pub fn write_lat_device(size: u64, iters: usize, inline: bool) -> Result<Vec<u64>, String> {
     let max_inline = if inline { 512 } else { 0 };
@@ -361,17 +370,23 @@ pub fn write_lat_device(size: u64, iters: usize, inline: bool) -> Result<Vec<u64
         }
     };
     let post = move |s: &mut Side, i: usize, raddr: u64, rkey: u32, signaled: bool| {
-        let mut inline_data = [0u8; 512];
-        let sge = [s.mr.sge(0, size as u32)];
-        let wr = if use_inline {
+        let signal = |wr| signal_if(wr, signaled);
+        // The inline buffer only on the inline path: zeroing it costs a 512-byte memset per
+        // post, on the way from the peer's message to this side's reply.
+        let r = if use_inline {
+            let mut inline_data = [0u8; 512];
             inline_data[last as usize] = tag(i);
-            SendWr::write_inline(i as u64, &inline_data[..size as usize], raddr, rkey)
+            let wr = SendWr::write_inline(i as u64, &inline_data[..size as usize], raddr, rkey);
+            s.d.post_send(&mut s.qp, &[signal(wr)])
         } else {
             s.buf.write(last, &[tag(i)]);
-            SendWr::write(i as u64, &sge, raddr, rkey)
+            let sge = [s.mr.sge(0, size as u32)];
+            s.d.post_send(
+                &mut s.qp,
+                &[signal(SendWr::write(i as u64, &sge, raddr, rkey))],
+            )
         };
-        let wr = if signaled { wr } else { wr.unsignaled() };
-        s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())
+        r.map_err(|e| e.to_string())
     };
     let to_a = (a.mr.iova + half, a.mr.rkey);
     let to_b = (b.mr.iova + half, b.mr.rkey);
@@ -1145,18 +1160,20 @@ pub fn send_lat_device(size: u64, iters: usize, inline: bool) -> Result<LatStats
             .map_err(|e| e.to_string())
     };
     let post = move |s: &mut Side, i: usize, _raddr: u64, _rkey: u32, signaled: bool| {
-        let mut inline_data = [0u8; 512];
-        let sge = [s.mr.sge(0, size as u32)];
-        let wr = if use_inline {
-            // As write-lat's inline path: zeros and the tag, no buffer access.
+        let signal = |wr| signal_if(wr, signaled);
+        let r = if use_inline {
+            // As write-lat's inline path: zeros and the tag, no buffer access (and the buffer
+            // only here).
+            let mut inline_data = [0u8; 512];
             inline_data[last as usize] = tag(i);
-            SendWr::send_inline(i as u64, &inline_data[..size as usize])
+            let wr = SendWr::send_inline(i as u64, &inline_data[..size as usize]);
+            s.d.post_send(&mut s.qp, &[signal(wr)])
         } else {
             s.buf.write(last, &[tag(i)]);
-            SendWr::send(i as u64, &sge)
+            let sge = [s.mr.sge(0, size as u32)];
+            s.d.post_send(&mut s.qp, &[signal(SendWr::send(i as u64, &sge))])
         };
-        let wr = if signaled { wr } else { wr.unsignaled() };
-        s.d.post_send(&mut s.qp, &[wr]).map_err(|e| e.to_string())
+        r.map_err(|e| e.to_string())
     };
     let (rtts, a, b) = ping_pong(a, b, (0, 0), (0, 0), iters, wait, post)?;
     // The last message each way carried the last tag, after the sender's send half (or, inline,
