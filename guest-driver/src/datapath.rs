@@ -522,8 +522,11 @@ impl Driver {
         if polling {
             self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.stats.kicks.fetch_add(1, Ordering::Relaxed);
+            // Counted after the notification: the count is a locked instruction, and the
+            // notification (in this process, the device's whole post) is what the peer waits
+            // for.
             self.notify_queue(abi::EVENTQ);
+            self.stats.kicks.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
