@@ -1272,8 +1272,9 @@ fn atomic_words<'a>(area: &'a gm::GuestSlice<'_>, base: u64, n: u64) -> Option<&
 /// Atomically takes (clears) the set bits of a doorbell bitmap covering indices `0..=max` at
 /// byte `base` of the doorbell `area`, appending `(word, bit)` of each to `out`. Visits only
 /// the words its summary word (at byte `summary` of the area) flags: summary first, then each
-/// flagged word, both with an atomic exchange (ABI §8.3). A driver sets the word bit before the summary bit, so a bit set after
-/// our summary exchange leaves its summary bit set for the next scan.
+/// flagged word, both with an atomic exchange (ABI §8.3). A driver sets the word bit before
+/// the summary bit, so a bit set after our summary exchange leaves its summary bit set for the
+/// next scan.
 fn take_bits(
     area: &gm::GuestSlice<'_>,
     summary: u64,

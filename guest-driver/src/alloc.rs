@@ -375,8 +375,6 @@ impl Buffer {
         GuestAddress(self.pages[(offset >> self.page_shift) as usize] + (offset & mask))
     }
 
-    /// Calls `f(gpa, range)` for each physically contiguous piece of `[offset, offset+len)`,
-    /// where `range` is the piece's position relative to `offset`.
     /// The guest-memory slice of `[offset, offset + len)` if it lies within one backing page
     /// (and within the buffer).
     #[inline]
@@ -392,6 +390,8 @@ impl Buffer {
         crate::gmem::slice(&self.mem, GuestAddress(gpa), len).ok()
     }
 
+    /// Calls `f(gpa, range)` for each physically contiguous piece of `[offset, offset+len)`,
+    /// where `range` is the piece's position relative to `offset`.
     fn for_each_chunk(
         &self,
         offset: u64,
