@@ -121,6 +121,31 @@ pub(crate) struct Moderation {
     pub notify: bool,
 }
 
+impl Moderation {
+    /// An interrupt is being raised: it covers every event pending so far. Returns whether a
+    /// CQ notification was among them (then the interrupt is sent even where the event queue
+    /// suppresses notifications). Writes only the fields that change: peers' threads raise CQ
+    /// notifications on the direct path, and the device's own thread reads this line.
+    fn take_for_interrupt(&mut self) -> bool {
+        let notify = self.notify;
+        if self.pending != 0 || self.first_pending.is_some() || notify {
+            self.pending = 0;
+            self.first_pending = None;
+            self.notify = false;
+        }
+        notify
+    }
+}
+
+/// A CQ's bit in the CQ-notify bitmap and its summary bit: guest-physical addresses of the
+/// two words and the bit to set in each.
+struct NotifyBits {
+    word: u64,
+    bit: u64,
+    summary: u64,
+    summary_bit: u64,
+}
+
 /// Everything the core owns; the backend sees it through [`DeviceOps`].
 pub(crate) struct Core {
     pub cfg: DeviceConfig,
@@ -212,47 +237,52 @@ impl Core {
     /// interrupt follows at once if moderation allows, else from `flush_events`. Otherwise
     /// queues `EV_CQ_COMP`.
     fn signal_cq(&mut self, cqn: u32) {
-        if self.features & abi::VRDMA_F_CQ_NOTIFY != 0 {
-            if let (Some(mem), Some(db)) = (self.mem.as_ref(), self.db_gpa) {
-                let index = abi::handle_index(cqn);
-                // Handles index a table of max_cq entries, so the word lies in the bitmap; the
-                // check keeps a broken invariant from writing past it.
-                if index <= self.cfg.max_cq {
-                    let word = (index / 64) as u64;
-                    let base =
-                        db + abi::db_cq_notify_bitmap_offset(self.cfg.max_qp, self.cfg.max_cq);
-                    // The area was validated at registration (one region, large enough).
-                    gm::fetch_or_u64(mem, base + word * 8, 1 << (index % 64));
-                    gm::fetch_or_u64(
-                        mem,
-                        db + abi::DB_CQ_NOTIFY_SUMMARY_OFFSET,
-                        abi::db_summary_bit(word),
-                    );
-                    // When moderation lets this notification interrupt at once, it does so here
-                    // rather than when the device entry ends: the guest it wakes starts ~0.1 µs
-                    // earlier. Otherwise `flush_events` counts it with the entry's other events.
-                    if let Some(irq) = self.irq.as_ref() {
-                        let m = &mut self.moderation;
-                        if m.pending.saturating_add(1) >= m.max_events.max(1) {
-                            // As `State::raise_event_irq`: this interrupt covers every event
-                            // delivered before it, and a CQ notification is always sent. Each
-                            // field is written only if it changes: the peer's thread runs this
-                            // on the direct path, and the device's own thread reads this line.
-                            if m.pending != 0 || m.first_pending.is_some() || m.notify {
-                                m.pending = 0;
-                                m.first_pending = None;
-                                m.notify = false;
-                            }
-                            let _ = irq.trigger(InterruptKind::Queue(abi::EVENTQ));
-                            return;
-                        }
-                    }
-                    self.cq_notified = self.cq_notified.saturating_add(1);
-                }
+        if let (true, Some(mem), Some(_)) = (
+            self.features & abi::VRDMA_F_CQ_NOTIFY != 0,
+            self.mem.as_ref(),
+            self.db_gpa,
+        ) {
+            // None only for a handle past max_cq (a broken invariant: handles index a table of
+            // max_cq entries): then nothing is written past the bitmap.
+            let Some(n) = self.cq_notify_bits(cqn) else {
                 return;
+            };
+            // The area was validated at registration (one region, large enough).
+            gm::fetch_or_u64(mem, n.word, n.bit);
+            gm::fetch_or_u64(mem, n.summary, n.summary_bit);
+            // When moderation lets this notification interrupt at once, it does so here
+            // rather than when the device entry ends: the guest it wakes starts ~0.1 µs
+            // earlier. Otherwise `flush_events` counts it with the entry's other events.
+            if let Some(irq) = self.irq.as_ref() {
+                let m = &mut self.moderation;
+                if m.pending.saturating_add(1) >= m.max_events.max(1) {
+                    m.take_for_interrupt();
+                    let _ = irq.trigger(InterruptKind::Queue(abi::EVENTQ));
+                    return;
+                }
             }
+            self.cq_notified = self.cq_notified.saturating_add(1);
+            return;
         }
         self.push_event(abi::EV_CQ_COMP, cqn, 0);
+    }
+
+    /// Where CQ `cqn`'s bit of the CQ-notify bitmap and its summary bit are (ABI §8.4); `None`
+    /// without a doorbell area or for an index past `max_cq`.
+    fn cq_notify_bits(&self, cqn: u32) -> Option<NotifyBits> {
+        let db = self.db_gpa?;
+        let index = abi::handle_index(cqn);
+        if index > self.cfg.max_cq {
+            return None;
+        }
+        let word = (index / 64) as u64;
+        let bitmap = db + abi::db_cq_notify_bitmap_offset(self.cfg.max_qp, self.cfg.max_cq);
+        Some(NotifyBits {
+            word: bitmap + word * 8,
+            bit: 1 << (index % 64),
+            summary: db + abi::DB_CQ_NOTIFY_SUMMARY_OFFSET,
+            summary_bit: abi::db_summary_bit(word),
+        })
     }
 
     pub fn push_event(&mut self, kind: u32, handle: u32, detail: u64) {
@@ -759,18 +789,16 @@ impl DeviceOps for Core {
         let Some(cq) = self.cqs.get(qp.recv_cq).filter(|c| c.arm_seq.is_some()) else {
             return;
         };
-        let host = |gpa: u64| gm::slice(mem, gpa, 1).map_or(0, |s| s.ptr_guard().as_ptr() as usize);
+        let host = |gpa: u64| vrdma_memory::host_address(mem, gpa);
         let mut lines = [0usize; crate::backend::RECV_LINES];
         lines[0] = host(qp.rq.header());
         lines[1] = host(qp.rq.slot(qp.rq_cons));
         lines[2] = host(cq.ring.header());
         lines[3] = host(cq.ring.slot(cq.prod));
-        if let (Some(db), true) = (self.db_gpa, self.features & abi::VRDMA_F_CQ_NOTIFY != 0) {
-            let index = abi::handle_index(qp.recv_cq);
-            if index <= self.cfg.max_cq {
-                let bitmap = db + abi::db_cq_notify_bitmap_offset(self.cfg.max_qp, self.cfg.max_cq);
-                lines[4] = host(bitmap + (index / 64) as u64 * 8);
-                lines[5] = host(db + abi::DB_CQ_NOTIFY_SUMMARY_OFFSET);
+        if self.features & abi::VRDMA_F_CQ_NOTIFY != 0 {
+            if let Some(n) = self.cq_notify_bits(qp.recv_cq) {
+                lines[4] = host(n.word);
+                lines[5] = host(n.summary);
             }
         }
         *out = lines;
@@ -1054,12 +1082,10 @@ impl State {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        self.core.moderation.pending = 0;
-        self.core.moderation.first_pending = None;
         // A CQ notification interrupts regardless of VIRTQ_AVAIL_F_NO_INTERRUPT: that flag
         // speaks for the event queue's used ring, and arming a CQ is the driver's request for
         // an interrupt (ABI §12.3).
-        let forced = std::mem::take(&mut self.core.moderation.notify);
+        let forced = self.core.moderation.take_for_interrupt();
         let needs = forced
             || active.queues[abi::EVENTQ as usize]
                 .needs_notification(active.mem.as_ref())

@@ -412,9 +412,7 @@ impl Driver {
     /// [`Driver::wake_lines`]): the notify summary and word (with `VRDMA_F_CQ_NOTIFY`) and the
     /// CQE the next poll reads.
     fn note_wake_lines(&self, cq: &Cq) {
-        let host = |gpa: vm_memory::GuestAddress| {
-            crate::gmem::slice(&self.mem, gpa, 1).map_or(0, |s| s.ptr_guard().as_ptr() as usize)
-        };
+        let host = |gpa: vm_memory::GuestAddress| vrdma_memory::host_address(&self.mem, gpa.0);
         let mut lines = [0usize; 3];
         if self.features() & abi::VRDMA_F_CQ_NOTIFY != 0 {
             let word = abi::handle_index(cq.cqn) as u64 / 64 * 8;

@@ -130,6 +130,14 @@ pub fn region_slice(mem: &GuestMemoryMmap, gpa: u64, len: usize) -> Option<Guest
     std::ops::Deref::deref(r).get_slice(off, len).ok()
 }
 
+/// The host address of guest-physical `gpa` in `mem`, 0 if no region holds it: for prefetch
+/// hints ([`prefetch_for_write`]), which are never dereferenced.
+pub fn host_address(mem: &GuestMemoryMmap, gpa: u64) -> usize {
+    region_of(mem, gpa, 1).map_or(0, |(r, off)| {
+        std::ops::Deref::deref(r).as_ptr() as usize + off
+    })
+}
+
 /// The bitmap of a whole region.
 pub fn region_bitmap(r: &GuestRegionMmap) -> &DirtyBitmap {
     std::ops::Deref::deref(r).bitmap()
