@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use vrdma_abi as abi;
 use vrdma_abi::{Cqe, Event, Gid, Sge};
-use vrdma_device::soft::SoftFabric;
+use vrdma_device::soft::{FabricStats, SoftFabric};
 use vrdma_device::DeviceConfig;
 use vrdma_guest::{
     ah_attr_for, pattern, Ah, Buffer, Cq, Driver, Error, Layout, Mr, Pd, Qp, QpInitAttr, RcParams,
@@ -3066,6 +3066,19 @@ fn sqd_retransmits_after_ack_timeouts() {
 // The direct path (in-process peers) and its fallback to packets
 // ---------------------------------------------------------------------------------------------
 
+/// Asserts that `n` requests went to a peer directly since `before` and no packet was
+/// delivered; returns the fabric's counters now.
+#[track_caller]
+fn assert_direct_since(fabric: &SoftFabric, before: &FabricStats, n: u64) -> FabricStats {
+    let now = fabric.stats();
+    assert_eq!(
+        (now.direct - before.direct, now.delivered),
+        (n, before.delivered),
+        "{now:?}"
+    );
+    now
+}
+
 /// One QP's operations go to the peer directly while the peer runs, as packets while it is
 /// stopped (held in its inbox until it resumes), and directly again afterwards; after an RNR NAK
 /// the QP retries when its RNR timer expires. Whichever way, operations execute and complete in
@@ -3106,12 +3119,7 @@ fn direct_path_and_packets_keep_order() {
         ]
     );
     assert!(a.buf.read_vec(8192, 1000) == ab[..1000]);
-    let s1 = fabric.stats();
-    assert_eq!(
-        (s1.direct - s0.direct, s1.delivered),
-        (2, s0.delivered),
-        "{s1:?}"
-    );
+    let s1 = assert_direct_since(&fabric, &s0, 2);
     // The peer is stopped: packets, held until it resumes.
     vb.device.stop().unwrap();
     a.d.post_send(
@@ -3189,12 +3197,74 @@ fn direct_path_and_packets_keep_order() {
         [(9, OK, abi::WC_OP_RDMA_READ)]
     );
     assert!(a.buf.read_vec(20000, 64) == ab[6000..6064]);
-    let s4 = fabric.stats();
+    assert_direct_since(&fabric, &s3, 1);
+    assert_cq_empty(&a.d, &mut a.cq, QUIET);
+    assert_cq_empty(&b.d, &mut b.cq, Duration::ZERO);
+}
+
+/// RDMA WRITEs on the direct path execute straight from the requester's WR, with no request
+/// packet: a gather list, inline data, a zero-length and a multi-packet WRITE land byte for
+/// byte, and the responder's expected PSN moves as the packets would have moved it, across the
+/// 24-bit wrap, so the SEND and the READ after them are taken in order. None of it became a
+/// packet.
+#[test]
+fn direct_writes_keep_the_responders_psn_in_step() {
+    let (fabric, mut a, mut b) = two(64 << 10);
+    a.buf.fill_pattern(33);
+    let ab = pattern(33, 64 << 10);
+    let (mut qa, mut qb) = (a.qp(|_| {}), b.qp(|_| {}));
+    // 1 KiB packets; the first WRITE's six PSNs cross the wrap.
+    let at_wrap = |p: &mut RcParams| {
+        p.path_mtu = abi::MTU_1024;
+        (p.sq_psn, p.rq_psn) = (0xff_fffd, 0xff_fffd);
+    };
+    connect_with(&a, &qa, &b, &qb, at_wrap, at_wrap);
+    b.d.post_recv(&mut qb, &[RecvWr::new(50, &[b.mr.sge(50000, 256)])])
+        .unwrap();
+    let s0 = fabric.stats();
+    let gather = [a.mr.sge(0, 3000), a.mr.sge(10000, 2500)];
+    let inline: Vec<u8> = (0..40u8).map(|i| i ^ 0x5a).collect();
+    let empty = [a.mr.sge(0, 0)];
+    let big = [a.mr.sge(30000, 4096)];
+    let send = [a.mr.sge(40000, 100)];
+    let read = [a.mr.sge(60000, 2000)];
+    a.d.post_send(
+        &mut qa,
+        &[
+            SendWr::write(1, &gather, b.mr.addr(1000), b.mr.rkey),
+            SendWr::write_inline(2, &inline, b.mr.addr(20000), b.mr.rkey),
+            SendWr::write(3, &empty, b.mr.addr(0), b.mr.rkey),
+            SendWr::write(4, &big, b.mr.addr(30000), b.mr.rkey),
+            SendWr::send(5, &send),
+            SendWr::read(6, &read, b.mr.addr(1000), b.mr.rkey),
+        ],
+    )
+    .unwrap();
+    const WRITE: u8 = abi::WC_OP_RDMA_WRITE;
     assert_eq!(
-        (s4.direct - s3.direct, s4.delivered),
-        (1, s3.delivered),
-        "{s4:?}"
+        keys(&poll_exact(&a.d, &mut a.cq, 6)),
+        [
+            (1, OK, WRITE),
+            (2, OK, WRITE),
+            (3, OK, WRITE),
+            (4, OK, WRITE),
+            (5, OK, abi::WC_OP_SEND),
+            (6, OK, abi::WC_OP_RDMA_READ)
+        ]
     );
+    let rc = poll_exact(&b.d, &mut b.cq, 1);
+    assert_eq!((rc[0].wr_id, rc[0].status, rc[0].byte_len), (50, OK, 100));
+    let mut gathered = ab[..3000].to_vec();
+    gathered.extend_from_slice(&ab[10000..12500]);
+    assert!(b.buf.read_vec(1000, 5500) == gathered);
+    assert_eq!(b.buf.read_vec(20000, 40), inline);
+    assert!(b.buf.read_vec(30000, 4096) == ab[30000..34096]);
+    assert!(b.buf.read_vec(50000, 100) == ab[40000..40100]);
+    assert!(a.buf.read_vec(60000, 2000) == gathered[..2000]);
+    // Around the WRITEs B's buffer is untouched (it was never filled: zero).
+    assert_eq!(b.buf.read_vec(0, 1000), vec![0; 1000]);
+    assert_eq!(b.buf.read_vec(6500, 100), vec![0; 100]);
+    assert_direct_since(&fabric, &s0, 6);
     assert_cq_empty(&a.d, &mut a.cq, QUIET);
     assert_cq_empty(&b.d, &mut b.cq, Duration::ZERO);
 }
