@@ -39,12 +39,41 @@ pub enum Payload {
         /// Segments, in order.
         segs: SegList,
     },
-    /// Segments of the sender's guest memory on the direct path, where the sender lends its
-    /// memory to the responder for the duration of the call (the `lender` of
-    /// [`Payload::copy_to`]). The packet holds no reference of its own: cloning the memory's
-    /// `Arc` would write its count, on the cache line the peer's thread reads to find that
-    /// memory's regions. Never queued, never sent on a wire.
-    Lent(SegList),
+}
+
+/// A payload's bytes, borrowed: from a packet ([`Payload::data`]) or, on the direct path, from
+/// the requester's work request itself, whose memory is lent for the call (no reference of
+/// its own: cloning the memory's `Arc` would write its count, on the cache line the peer's
+/// thread reads to find that memory's regions).
+#[derive(Clone, Copy, Debug)]
+pub enum Data<'a> {
+    /// Bytes (inline data, bytes from a wire; empty for no data).
+    Bytes(&'a [u8]),
+    /// Segments of a guest memory.
+    Segs(&'a GuestMemoryMmap, &'a [Seg]),
+}
+
+impl Data<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Data::Bytes(b) => b.len() as u64,
+            Data::Segs(_, segs) => mr::total_len(segs),
+        }
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the bytes into `dst` segments of `mem`; returns the bytes copied.
+    pub fn copy_to(&self, mem: &GuestMemoryMmap, dst: &[Seg]) -> u64 {
+        match *self {
+            Data::Bytes(b) => mr::write_segs(mem, dst, b),
+            Data::Segs(src, segs) => mr::copy_between(src, segs, mem, dst),
+        }
+    }
 }
 
 impl std::fmt::Debug for Payload {
@@ -53,7 +82,6 @@ impl std::fmt::Debug for Payload {
             Payload::Empty => write!(f, "Empty"),
             Payload::Bytes(b) => write!(f, "Bytes({})", b.len()),
             Payload::Guest { segs, .. } => write!(f, "Guest({:?})", segs),
-            Payload::Lent(segs) => write!(f, "Lent({:?})", segs),
         }
     }
 }
@@ -64,7 +92,7 @@ impl Payload {
         match self {
             Payload::Empty => 0,
             Payload::Bytes(b) => b.len() as u64,
-            Payload::Guest { segs, .. } | Payload::Lent(segs) => mr::total_len(segs),
+            Payload::Guest { segs, .. } => mr::total_len(segs),
         }
     }
 
@@ -73,24 +101,18 @@ impl Payload {
         self.len() == 0
     }
 
-    /// Copies the payload into `dst` segments of `mem`; returns the bytes copied. `lender`
-    /// is the sender's memory for a [`Payload::Lent`] payload; without it such a payload
-    /// copies nothing.
-    pub fn copy_to(
-        &self,
-        lender: Option<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-        dst: &[Seg],
-    ) -> u64 {
+    /// The payload's bytes, borrowed.
+    pub fn data(&self) -> Data<'_> {
         match self {
-            Payload::Empty => 0,
-            Payload::Bytes(b) => mr::write_segs(mem, dst, b),
-            Payload::Guest { mem: src, segs } => mr::copy_between(src, segs, mem, dst),
-            Payload::Lent(segs) => {
-                debug_assert!(lender.is_some(), "a lent payload outside the direct path");
-                lender.map_or(0, |src| mr::copy_between(src, segs, mem, dst))
-            }
+            Payload::Empty => Data::Bytes(&[]),
+            Payload::Bytes(b) => Data::Bytes(b),
+            Payload::Guest { mem, segs } => Data::Segs(mem, segs),
         }
+    }
+
+    /// Copies the payload into `dst` segments of `mem`; returns the bytes copied.
+    pub fn copy_to(&self, mem: &GuestMemoryMmap, dst: &[Seg]) -> u64 {
+        self.data().copy_to(mem, dst)
     }
 
     /// The payload as bytes (small payloads only: GRH building, atomics, tests).
@@ -102,10 +124,6 @@ impl Payload {
                 let mut v = Vec::new();
                 mr::read_segs(mem, segs, &mut v);
                 v
-            }
-            Payload::Lent(_) => {
-                debug_assert!(false, "a lent payload outside the direct path");
-                Vec::new()
             }
         }
     }
@@ -248,13 +266,13 @@ pub const SRC_QPN_WIRE: u32 = u32::MAX;
 
 #[cfg(test)]
 mod tests {
-    use super::{psn, Payload};
+    use super::{psn, Data, Payload};
     use crate::mr::{Seg, SegList};
     use crate::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]
-    fn lent_payload_copies_from_the_lender() {
+    fn data_copies_from_its_memory_or_bytes() {
         let mem = |fill: u8| {
             let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
             m.write_slice(&[fill; 0x2000], GuestAddress(0)).unwrap();
@@ -272,16 +290,27 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let p = Payload::Lent(segs);
-        assert_eq!(p.len(), 12);
+        // Lent segments: gathered from two places of the sender's memory.
+        let d = Data::Segs(&src, &segs);
+        assert_eq!(d.len(), 12);
         let dst_segs = [Seg {
             gpa: 0x800,
             len: 12,
         }];
-        assert_eq!(p.copy_to(Some(&src), &dst, &dst_segs), 12);
+        assert_eq!(d.copy_to(&dst, &dst_segs), 12);
         let mut got = [0u8; 14];
         dst.read_slice(&mut got, GuestAddress(0x7ff)).unwrap();
         assert_eq!(&got, b"\xeehello, world\xee");
+        // Bytes, scattered over two segments; a packet's payload by its view.
+        let bytes = Payload::Bytes(std::sync::Arc::new(b"0123456789".to_vec()));
+        let two = [Seg { gpa: 0x900, len: 4 }, Seg { gpa: 0xa00, len: 6 }];
+        assert_eq!(bytes.data().len(), 10);
+        assert_eq!(bytes.copy_to(&dst, &two), 10);
+        let (mut a, mut b) = ([0u8; 5], [0u8; 7]);
+        dst.read_slice(&mut a, GuestAddress(0x900)).unwrap();
+        dst.read_slice(&mut b, GuestAddress(0xa00)).unwrap();
+        assert_eq!((&a, &b), (b"0123\xee", b"456789\xee"));
+        assert!(Payload::Empty.data().is_empty());
     }
 
     #[test]

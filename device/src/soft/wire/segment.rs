@@ -56,11 +56,6 @@ impl<'a> Cursor<'a> {
                 out.extend_from_slice(&b[start..end]);
                 self.off = end as u64;
             }
-            Payload::Lent(_) => {
-                // Lent payloads exist only on the in-process direct path.
-                debug_assert!(false, "a lent payload on a wire");
-                out.resize(out.len() + n as usize, 0);
-            }
             Payload::Guest { mem, segs } => {
                 while n > 0 {
                     let Some(s) = segs.get(self.seg) else {
