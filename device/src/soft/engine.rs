@@ -889,8 +889,12 @@ impl SoftBackend {
         let Some(qp) = self.qps.get(&qpn) else {
             return;
         };
-        for &line in std::iter::once(&qp.peer_hint).chain(&qp.peer_lines) {
-            if line != 0 {
+        if qp.peer_hint != 0 {
+            vrdma_memory::prefetch_for_write(qp.peer_hint as *const u8);
+        }
+        // Recorded together (or not at all, for a CQ that is only polled): one test for all.
+        if qp.peer_lines[0] != 0 {
+            for &line in qp.peer_lines.iter().filter(|&&l| l != 0) {
                 vrdma_memory::prefetch_for_write(line as *const u8);
             }
         }
