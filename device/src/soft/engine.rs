@@ -815,6 +815,10 @@ impl SoftBackend {
                 }
             });
             drop(scope);
+            // The peer's own thread takes its lock next, for its guest's next post.
+            if hint != 0 {
+                vrdma_memory::demote(hint as *const u8);
+            }
             let Some(work) = work else {
                 break;
             };
