@@ -493,6 +493,9 @@ pub struct SoftBackend {
     /// threads use the fields around it (`outbox`, `work`). Unpadded, it cost 0.06–0.1 µs per
     /// half round trip of a 2-byte write-lat.
     spare_ops: CachePadded<VecDeque<ReqOp>>,
+    /// See [`SoftBackend::last_peer`]. Written only when it changes (this line is read by
+    /// peers' threads on the direct path).
+    last_peer: usize,
 }
 
 impl std::fmt::Debug for SoftBackend {
@@ -521,6 +524,7 @@ impl SoftBackend {
             outbox: VecDeque::new(),
             work: Work::default(),
             spare_ops: CachePadded::new(VecDeque::new()),
+            last_peer: 0,
         }
     }
 
@@ -815,9 +819,8 @@ impl SoftBackend {
                 }
             });
             drop(scope);
-            // The peer's own thread takes its lock next, for its guest's next post.
-            if hint != 0 {
-                vrdma_memory::demote(hint as *const u8);
+            if self.last_peer != hint {
+                self.last_peer = hint;
             }
             let Some(work) = work else {
                 break;
@@ -871,6 +874,12 @@ impl SoftBackend {
                 i += 1;
             }
         }
+    }
+
+    /// Where the lock of the peer that the last direct call went to is (an address only, 0 if
+    /// none): the device demotes that line when its entry ends ([`crate::Vrdma::queue_notify`]).
+    pub fn last_peer(&self) -> usize {
+        self.last_peer
     }
 
     /// Starts moving the line of the peer's lock, which the direct path will take, to this core,
