@@ -20,7 +20,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileMemory};
 use vrdma_abi as abi;
 
-use super::packet::{psn, AtomicOp, Body, Data, Packet, Payload, Syndrome, SRC_QPN_WIRE};
+use super::packet::{psn, AtomicOp, Body, Data, Message, Packet, Payload, Syndrome, SRC_QPN_WIRE};
 use super::{Port, RouteCache, Work};
 use crate::backend::{Backend, Completion, DeviceOps, QpInfo, SendWr, TakeRecv, RECV_LINES};
 use crate::mr::{self, Seg, SegList};
@@ -322,42 +322,6 @@ impl ReqHdr {
             dst: pkt.dst,
             dst_qpn: pkt.dst_qpn,
         }
-    }
-}
-
-/// A SEND or an RDMA WRITE as the responder executes it ([`SoftBackend::execute_message`]).
-struct Message<'a> {
-    /// An RDMA WRITE's target `(addr, rkey)`; `None` for a SEND.
-    write: Option<(u64, u32)>,
-    imm: Option<u32>,
-    solicited: bool,
-    data: Data<'a>,
-}
-
-impl<'a> Message<'a> {
-    /// The message a SEND or WRITE request packet's body carries.
-    fn of(body: &'a Body) -> Option<Self> {
-        let (write, imm, solicited, payload) = match body {
-            Body::Send {
-                imm,
-                solicited,
-                payload,
-            } => (None, imm, solicited, payload),
-            Body::Write {
-                addr,
-                rkey,
-                imm,
-                solicited,
-                payload,
-            } => (Some((*addr, *rkey)), imm, solicited, payload),
-            _ => return None,
-        };
-        Some(Self {
-            write,
-            imm: *imm,
-            solicited: *solicited,
-            data: payload.data(),
-        })
     }
 }
 
@@ -1048,7 +1012,7 @@ impl SoftBackend {
             return;
         }
         qp.resp.nak_sent = false;
-        if let Some(msg) = Message::of(&pkt.body) {
+        if let Some(msg) = pkt.body.message() {
             if self.execute_message(ops, hdr, pkt.psn, msg) {
                 self.acknowledge(hdr, pkt.psn, npsn, lazy_ack(&pkt), direct);
             }

@@ -129,6 +129,21 @@ impl Payload {
     }
 }
 
+/// A SEND or an RDMA WRITE, whole: what the responder executes and the wire segments. Built
+/// from a request packet's body ([`Body::message`]) or, on the direct path, from the
+/// requester's work request itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Message<'a> {
+    /// An RDMA WRITE's target `(addr, rkey)`; `None` for a SEND.
+    pub write: Option<(u64, u32)>,
+    /// Immediate data.
+    pub imm: Option<u32>,
+    /// Solicited event.
+    pub solicited: bool,
+    /// The bytes.
+    pub data: Data<'a>,
+}
+
 /// AETH syndromes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Syndrome {
@@ -234,6 +249,33 @@ pub enum Body {
         /// Data.
         payload: Payload,
     },
+}
+
+impl Body {
+    /// The message of a SEND or RDMA WRITE request; `None` for any other body.
+    pub fn message(&self) -> Option<Message<'_>> {
+        let (write, imm, solicited, payload) = match self {
+            Body::Send {
+                imm,
+                solicited,
+                payload,
+            } => (None, imm, solicited, payload),
+            Body::Write {
+                addr,
+                rkey,
+                imm,
+                solicited,
+                payload,
+            } => (Some((*addr, *rkey)), imm, solicited, payload),
+            _ => return None,
+        };
+        Some(Message {
+            write,
+            imm: *imm,
+            solicited: *solicited,
+            data: payload.data(),
+        })
+    }
 }
 
 /// A packet between two ports.

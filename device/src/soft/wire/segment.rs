@@ -9,7 +9,7 @@ use vrdma_roce::{
     opcode, Aeth, AtomicAckEth, AtomicEth, Bth, Deth, Headers, IpPair, MsgKind, Reth,
 };
 
-use crate::soft::packet::{psn, AtomicOp, Body, Packet, Payload, Syndrome};
+use crate::soft::packet::{psn, AtomicOp, Body, Data, Packet, Syndrome};
 
 /// The MTU a message is segmented with: the engine's rule (`max(256)`), capped at the largest
 /// IB MTU.
@@ -31,15 +31,15 @@ pub(crate) fn aeth_of(s: Syndrome, msn: u32) -> Aeth {
 
 /// Reads a payload front to back, segment by segment, appending to a datagram buffer.
 struct Cursor<'a> {
-    payload: &'a Payload,
+    data: Data<'a>,
     seg: usize,
     off: u64,
 }
 
 impl<'a> Cursor<'a> {
-    fn new(payload: &'a Payload) -> Self {
+    fn new(data: Data<'a>) -> Self {
         Self {
-            payload,
+            data,
             seg: 0,
             off: 0,
         }
@@ -48,15 +48,14 @@ impl<'a> Cursor<'a> {
     /// Appends the next `n` bytes of the payload to `out` (zeros if guest memory went away,
     /// which cannot happen for segments resolved against live memory).
     fn read(&mut self, mut n: u64, out: &mut Vec<u8>) {
-        match self.payload {
-            Payload::Empty => {}
-            Payload::Bytes(b) => {
+        match self.data {
+            Data::Bytes(b) => {
                 let start = (self.off as usize).min(b.len());
                 let end = (start + n as usize).min(b.len());
                 out.extend_from_slice(&b[start..end]);
                 self.off = end as u64;
             }
-            Payload::Guest { mem, segs } => {
+            Data::Segs(mem, segs) => {
                 while n > 0 {
                     let Some(s) = segs.get(self.seg) else {
                         return;
@@ -119,53 +118,40 @@ pub(crate) fn encode(
     buf: &mut Vec<u8>,
     emit: &mut dyn FnMut(&[u8]),
 ) -> usize {
-    let one = |hdr: Headers, payload: &Payload, buf: &mut Vec<u8>, emit: &mut dyn FnMut(&[u8])| {
+    let one = |hdr: Headers, data: Data<'_>, buf: &mut Vec<u8>, emit: &mut dyn FnMut(&[u8])| {
         buf.clear();
-        let len = payload.len();
+        let len = data.len();
         if vrdma_roce::write_headers(&hdr, len as usize, buf).is_err() {
             return 0;
         }
-        finish(route, &mut Cursor::new(payload), len, buf, emit);
+        finish(route, &mut Cursor::new(data), len, buf, emit);
         1
     };
+    let none = Data::Bytes(&[]);
     match &pkt.body {
-        Body::Send {
-            imm,
-            solicited,
-            payload,
-        } => {
-            let kind = if imm.is_some() {
-                MsgKind::SendImm
-            } else {
-                MsgKind::Send
+        Body::Send { .. } | Body::Write { .. } => {
+            let Some(m) = pkt.body.message() else {
+                return 0;
             };
-            message(pkt, route, kind, payload, None, *imm, *solicited, buf, emit)
-        }
-        Body::Write {
-            addr,
-            rkey,
-            imm,
-            solicited,
-            payload,
-        } => {
-            let kind = if imm.is_some() {
-                MsgKind::WriteImm
-            } else {
-                MsgKind::Write
+            let kind = match (m.write.is_some(), m.imm.is_some()) {
+                (false, false) => MsgKind::Send,
+                (false, true) => MsgKind::SendImm,
+                (true, false) => MsgKind::Write,
+                (true, true) => MsgKind::WriteImm,
             };
-            let reth = Reth {
-                va: *addr,
-                rkey: *rkey,
-                dma_len: payload.len().min(u32::MAX as u64) as u32,
-            };
+            let reth = m.write.map(|(va, rkey)| Reth {
+                va,
+                rkey,
+                dma_len: m.data.len().min(u32::MAX as u64) as u32,
+            });
             message(
                 pkt,
                 route,
                 kind,
-                payload,
-                Some(reth),
-                *imm,
-                *solicited,
+                m.data,
+                reth,
+                m.imm,
+                m.solicited,
                 buf,
                 emit,
             )
@@ -174,7 +160,7 @@ pub(crate) fn encode(
             pkt,
             route,
             MsgKind::ReadResp,
-            payload,
+            payload.data(),
             None,
             None,
             false,
@@ -188,7 +174,7 @@ pub(crate) fn encode(
                 rkey: *rkey,
                 dma_len: (*len).min(u32::MAX as u64) as u32,
             });
-            one(h, &Payload::Empty, buf, emit)
+            one(h, none, buf, emit)
         }
         Body::Atomic { addr, rkey, op } => {
             let (code, swap_add, compare) = match *op {
@@ -202,18 +188,18 @@ pub(crate) fn encode(
                 swap_add,
                 compare,
             });
-            one(h, &Payload::Empty, buf, emit)
+            one(h, none, buf, emit)
         }
         Body::Ack { syndrome, msn } => {
             let mut h = Headers::new(bth(pkt, opcode::RC_ACKNOWLEDGE, 0, false, false));
             h.aeth = Some(aeth_of(*syndrome, *msn & psn::MASK));
-            one(h, &Payload::Empty, buf, emit)
+            one(h, none, buf, emit)
         }
         Body::AtomicAck { orig } => {
             let mut h = Headers::new(bth(pkt, opcode::RC_ATOMIC_ACKNOWLEDGE, 0, false, false));
             h.aeth = Some(Aeth::ack(0));
             h.atomic_ack = Some(AtomicAckEth { orig: *orig });
-            one(h, &Payload::Empty, buf, emit)
+            one(h, none, buf, emit)
         }
         Body::Ud {
             qkey,
@@ -232,7 +218,7 @@ pub(crate) fn encode(
                 src_qp: pkt.src_qpn & psn::MASK,
             });
             h.imm = *imm;
-            one(h, payload, buf, emit)
+            one(h, payload.data(), buf, emit)
         }
     }
 }
@@ -243,7 +229,7 @@ fn message(
     pkt: &Packet,
     route: &Route<'_>,
     kind: MsgKind,
-    payload: &Payload,
+    data: Data<'_>,
     reth: Option<Reth>,
     imm: Option<u32>,
     solicited: bool,
@@ -251,9 +237,9 @@ fn message(
     emit: &mut dyn FnMut(&[u8]),
 ) -> usize {
     let mtu = wire_mtu(pkt.mtu);
-    let len = payload.len();
+    let len = data.len();
     let n = len.div_ceil(mtu).max(1);
-    let mut cursor = Cursor::new(payload);
+    let mut cursor = Cursor::new(data);
     let response = matches!(kind, MsgKind::ReadResp);
     for i in 0..n {
         let (first, last) = (i == 0, i == n - 1);
