@@ -332,7 +332,7 @@ impl Vrdma {
                 );
             }
         }
-        let work = {
+        let (work, peer) = {
             let mut st = self.lock();
             if !st.mig.processes_guest_work() {
                 // Stopped for migration (the vCPUs should be paused): resume rescans everything.
@@ -348,7 +348,6 @@ impl Vrdma {
             }
             (st.take_fabric_work(), st.backend.last_peer())
         };
-        let (work, peer) = work;
         // Both locks this entry took go to the shared cache once this device's lock is free:
         // this device's is usually taken next by a peer's thread (running this device's
         // responder on the direct path), the peer's by that peer's own thread (its guest's next
