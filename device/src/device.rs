@@ -170,7 +170,8 @@ pub const AVAIL_FEATURES: u64 = abi::VIRTIO_F_VERSION_1
     | abi::VRDMA_F_ATOMICS
     | abi::VRDMA_F_DB_SUPPRESSION
     | abi::VRDMA_F_INTR_MODERATION
-    | abi::VRDMA_F_CQ_NOTIFY;
+    | abi::VRDMA_F_CQ_NOTIFY
+    | abi::VRDMA_F_HDR_SGE;
 
 /// A vrdma device.
 pub struct Vrdma {

@@ -395,12 +395,26 @@ impl Core {
     ) -> Result<(), WqeError> {
         let mem = self.mem.as_ref().expect("active");
         let bad = (abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE);
-        let known =
-            abi::SEND_F_FENCE | abi::SEND_F_SIGNALED | abi::SEND_F_SOLICITED | abi::SEND_F_INLINE;
+        let ud = qp.qp_type == abi::QPT_UD;
+        let known = abi::SEND_F_FENCE
+            | abi::SEND_F_SIGNALED
+            | abi::SEND_F_SOLICITED
+            | abi::SEND_F_INLINE
+            | abi::SEND_F_HDR_SGE;
         if w.flags & !known != 0 {
             return Err(bad);
         }
-        let ud = qp.qp_type == abi::QPT_UD;
+        // The one SGE in the header (ABI §10.2): only where negotiated and allowed, and then
+        // exactly one, not inline.
+        let hdr_sge = w.flags & abi::SEND_F_HDR_SGE != 0;
+        if hdr_sge
+            && (self.features & abi::VRDMA_F_HDR_SGE == 0
+                || ud
+                || w.flags & abi::SEND_F_INLINE != 0
+                || w.num_sge != 1)
+        {
+            return Err(bad);
+        }
         let op_ok = match w.opcode {
             abi::WR_SEND | abi::WR_SEND_WITH_IMM => true,
             abi::WR_RDMA_WRITE
@@ -445,6 +459,9 @@ impl Core {
             };
             wr.len = data.len() as u64;
             wr.inline = Some(data);
+        } else if hdr_sge {
+            let sge = w.hdr_sge();
+            wr.len = self.resolve_sge_bytes(sge.as_slice(), qp.pd, scatter, &mut wr.local)?;
         } else {
             if w.num_sge as u32 > qp.max_send_sge {
                 return Err(bad);

@@ -23,7 +23,8 @@ pub const DRIVER_FEATURES: u64 = abi::VRDMA_F_UD
     | abi::VRDMA_F_ATOMICS
     | abi::VRDMA_F_DB_SUPPRESSION
     | abi::VRDMA_F_INTR_MODERATION
-    | abi::VRDMA_F_CQ_NOTIFY;
+    | abi::VRDMA_F_CQ_NOTIFY
+    | abi::VRDMA_F_HDR_SGE;
 
 /// Spins on the control queue's used ring before falling back to interrupts.
 const CTRL_SPINS: u32 = 2000;
@@ -865,8 +866,16 @@ impl Driver {
     /// CREATE_QP. Ring geometry from [`crate::sq_geometry`] / [`crate::rq_geometry`]; ring
     /// pages allocated with [`DriverOptions::ring_layout`].
     pub fn create_qp(&self, pd: Pd, attr: &QpInitAttr) -> Result<Qp> {
+        // With `VRDMA_F_HDR_SGE` an RC QP's one-SGE WQEs carry the SGE in the header: a QP of
+        // at most one SGE needs no room for SGEs after it.
+        let hdr_sge = self.features() & abi::VRDMA_F_HDR_SGE != 0 && attr.qp_type == abi::QPT_RC;
+        let sges_after_header = if hdr_sge && attr.max_send_sge <= 1 {
+            0
+        } else {
+            attr.max_send_sge
+        };
         let (sq_depth, sq_stride) =
-            crate::verbs::sq_geometry(attr.max_send_wr, attr.max_send_sge, attr.max_inline)?;
+            crate::verbs::sq_geometry(attr.max_send_wr, sges_after_header, attr.max_inline)?;
         let (rq_depth, rq_stride) = crate::verbs::rq_geometry(attr.max_recv_wr, attr.max_recv_sge)?;
         let sq_npages = abi::ring_pages(sq_depth, sq_stride);
         let rq_npages = abi::ring_pages(rq_depth, rq_stride);

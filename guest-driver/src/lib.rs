@@ -94,7 +94,7 @@ mod verbs;
 pub mod virtq;
 
 pub use alloc::{pattern, pattern_byte, Buffer, GuestAlloc, Layout, IOVA_BASE, PAGE_SIZE};
-pub use datapath::{send_wqe_header, DriverStats};
+pub use datapath::{send_wqe_header, uses_hdr_sge, DriverStats};
 pub use driver::{Driver, DriverOptions, DRIVER_FEATURES};
 pub use error::{cmd_name, status_name, wc_status_name, Error, Result};
 pub use mmio::Transport;

@@ -3540,17 +3540,7 @@ fn proptest_random_wqes_complete_exactly_once_and_stay_inside_mrs() {
 fn features_not_negotiated_are_refused() {
     let fabric = SoftFabric::new();
     let (va, vb) = (Vm::new(&fabric, 1), Vm::new(&fabric, 2));
-    let opts = vrdma_guest::DriverOptions {
-        features: 0,
-        ..Default::default()
-    };
-    let d = Driver::probe_with(
-        va.port(),
-        va.mem.clone(),
-        GuestAlloc::new(GuestAddress(ALLOC_BASE), 200 << 20),
-        opts,
-    )
-    .unwrap();
+    let d = driver_with(&va, 0);
     assert_eq!(d.features(), abi::VIRTIO_F_VERSION_1);
     let mut ck = Checks::default();
     let unsup = Some(abi::STATUS_UNSUPPORTED);
@@ -3677,4 +3667,228 @@ fn doorbell_area_must_hold_the_cq_notify_bitmap() {
     };
     assert_eq!(set(&mut raw, old), abi::STATUS_INVALID);
     assert_eq!(set(&mut raw, new), abi::STATUS_OK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One SGE in the WQE header (VRDMA_F_HDR_SGE, ABI §10.2)
+// ---------------------------------------------------------------------------------------------
+
+/// Writes `bad` and then `ok` into `a`'s SQ by hand, rings, and checks that `bad` completes in
+/// error with `(status, vendor_err)`, `ok` is flushed behind it and the QP fails; nothing reaches
+/// `b`. Then both QPs are replaced.
+fn expect_bad_send(
+    a: &mut Side,
+    b: &mut Side,
+    what: &str,
+    bad: SendWqe,
+    ok: SendWqe,
+    status: u8,
+    vendor: u32,
+) {
+    let stride = a.qp.sq().stride();
+    let p = a.qp.sq_prod();
+    a.d.write_sq_slot(&a.qp, p, &send_slot(bad, &[], stride))
+        .unwrap();
+    a.d.write_sq_slot(&a.qp, p + 1, &send_slot(ok, &[], stride))
+        .unwrap();
+    a.d.set_sq_prod(&mut a.qp, p + 2).unwrap();
+    a.d.ring_sq_doorbell(sq_index(&a.qp)).unwrap();
+    let v = wait_cqes(&a.d, &mut a.cq, 2);
+    assert_eq!(v.len(), 2, "{what}: completions {v:?}");
+    assert_eq!(
+        (v[0].wr_id, v[0].status, v[0].vendor_err),
+        (bad.wr_id, status, vendor),
+        "{what}"
+    );
+    assert_eq!(
+        (v[1].wr_id, v[1].status),
+        (ok.wr_id, abi::WC_WR_FLUSH_ERR),
+        "{what}"
+    );
+    assert_eq!(a.d.qp_state(&a.qp).unwrap(), abi::QPS_ERR, "{what}");
+    assert!(b.buf.read_vec(0, 4096).iter().all(|&x| x == 0), "{what}");
+    new_qps(a, b);
+}
+
+/// A signaled RDMA WRITE of `sge` to offset `off` of `to`'s buffer, its SGE in the header.
+fn hdr_sge_write(wr_id: u64, to: &Side, off: u64, sge: Sge) -> SendWqe {
+    let mut w = SendWqe {
+        wr_id,
+        opcode: abi::WR_RDMA_WRITE,
+        flags: abi::SEND_F_SIGNALED,
+        remote_addr: to.mr.addr(off),
+        rkey: to.mr.rkey,
+        ..Default::default()
+    };
+    w.set_hdr_sge(sge);
+    w
+}
+
+/// RC QP attributes for one SGE and no inline data.
+fn one_sge(cq: &Cq) -> QpInitAttr {
+    QpInitAttr {
+        max_send_sge: 1,
+        max_inline: 0,
+        ..qp_attr(RC, cq)
+    }
+}
+
+/// A guest driver that accepts only `features` (of those the device offers).
+fn driver_with(vm: &Vm, features: u64) -> Driver {
+    let opts = vrdma_guest::DriverOptions {
+        features,
+        ..Default::default()
+    };
+    Driver::probe_with(
+        vm.port(),
+        vm.mem.clone(),
+        GuestAlloc::new(GuestAddress(ALLOC_BASE), 200 << 20),
+        opts,
+    )
+    .unwrap()
+}
+
+/// A WQE that carries its SGE in the header is checked like any other: the flag needs the
+/// feature, an RC QP, exactly one SGE and no inline data, and the SGE itself its MR. A valid
+/// one moves its bytes; a QP of one SGE gets 64-byte slots.
+#[test]
+fn hdr_sge_wqes_are_validated() {
+    let (_f, mut a, mut b) = pair(RC);
+    a.buf.fill_pattern(5);
+    assert_ne!(a.d.features() & abi::VRDMA_F_HDR_SGE, 0);
+    let w = hdr_sge_write(1, &b, 8192, a.mr.sge(100, 300));
+    assert_eq!(
+        (w.num_sge, w.flags & abi::SEND_F_HDR_SGE),
+        (1, abi::SEND_F_HDR_SGE)
+    );
+    // Positive control, by hand: the SGE in the header is read and its bytes move.
+    let stride = a.qp.sq().stride();
+    let p = a.qp.sq_prod();
+    a.d.write_sq_slot(&a.qp, p, &send_slot(w, &[], stride))
+        .unwrap();
+    a.d.set_sq_prod(&mut a.qp, p + 1).unwrap();
+    a.d.ring_sq_doorbell(sq_index(&a.qp)).unwrap();
+    let c = wait1(&a.d, &mut a.cq);
+    assert_eq!((c.wr_id, c.status, c.byte_len), (1, abi::WC_SUCCESS, 0));
+    assert_eq!(b.buf.read_vec(8192, 300), a.buf.read_vec(100, 300));
+    b.buf.fill(0);
+    let ok = SendWqe { wr_id: 99, ..w };
+    let bad_wqe = (abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE);
+    let cases: Vec<(&str, SendWqe, (u8, u32))> = vec![
+        (
+            "num_sge 0",
+            SendWqe {
+                wr_id: 2,
+                num_sge: 0,
+                ..w
+            },
+            bad_wqe,
+        ),
+        (
+            "num_sge 2",
+            SendWqe {
+                wr_id: 3,
+                num_sge: 2,
+                ..w
+            },
+            bad_wqe,
+        ),
+        (
+            "with SEND_F_INLINE",
+            SendWqe {
+                wr_id: 4,
+                flags: w.flags | abi::SEND_F_INLINE,
+                ..w
+            },
+            bad_wqe,
+        ),
+        (
+            "an SGE past its MR",
+            SendWqe {
+                wr_id: 5,
+                hdr_sge_addr: a.mr.addr(BUF_LEN - 8),
+                ..w
+            },
+            (abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE),
+        ),
+        (
+            "an SGE with a stale lkey",
+            SendWqe {
+                wr_id: 6,
+                ah: a.mr.lkey ^ 0x100,
+                ..w
+            },
+            (abi::WC_LOC_PROT_ERR, abi::VENDOR_ERR_BAD_SGE),
+        ),
+    ];
+    for (what, bad, (status, vendor)) in cases {
+        expect_bad_send(&mut a, &mut b, what, bad, ok, status, vendor);
+    }
+    // A QP of one SGE and no inline data: 64-byte slots, one SGE in caps, and all of a WQE's
+    // kinds (here an atomic, whose operands share the header) go through.
+    let mut q1 = a.d.create_qp(a.pd, &one_sge(&a.cq)).unwrap();
+    let q2 = b.d.create_qp(b.pd, &qp_attr(RC, &b.cq)).unwrap();
+    assert_eq!((q1.sq().stride(), q1.caps().max_send_sge), (64, 1));
+    a.d.connect_rc_with(&q1, &fast(&a.d, q2.qpn(), b.gid))
+        .unwrap();
+    b.d.connect_rc_with(&q2, &fast(&b.d, q1.qpn(), a.gid))
+        .unwrap();
+    b.buf.write(0, &7u64.to_le_bytes());
+    let res = [a.mr.sge(4096, 8)];
+    a.d.post_send(
+        &mut q1,
+        &[vrdma_guest::SendWr::fetch_add(
+            11,
+            &res,
+            b.mr.addr(0),
+            b.mr.rkey,
+            5,
+        )],
+    )
+    .unwrap();
+    let c = wait1(&a.d, &mut a.cq);
+    assert_eq!((c.wr_id, c.status), (11, abi::WC_SUCCESS));
+    assert_eq!(a.buf.read_u64(4096), 7);
+    assert_eq!(b.buf.read_u64(0), 12);
+    still_works(&mut a, &mut b);
+}
+
+/// The flag is refused on a UD QP, and on any QP of a driver that did not negotiate the feature.
+#[test]
+fn hdr_sge_needs_rc_and_the_feature() {
+    let (_f, mut a, mut b) = pair(UD);
+    let mut w = SendWqe {
+        wr_id: 1,
+        opcode: abi::WR_SEND,
+        flags: abi::SEND_F_SIGNALED,
+        ..Default::default()
+    };
+    w.set_hdr_sge(a.mr.sge(0, 64));
+    let bad_wqe = (abi::WC_LOC_QP_OP_ERR, abi::VENDOR_ERR_BAD_WQE);
+    let ok = SendWqe { wr_id: 99, ..w };
+    expect_bad_send(&mut a, &mut b, "UD", w, ok, bad_wqe.0, bad_wqe.1);
+
+    let fabric = SoftFabric::new();
+    let (va, vb) = (Vm::new(&fabric, 1), Vm::new(&fabric, 2));
+    let d = driver_with(&va, vrdma_guest::DRIVER_FEATURES & !abi::VRDMA_F_HDR_SGE);
+    let mut a = side_from(d, RC);
+    let mut b = side(&vb, RC);
+    connect(&a, &b);
+    assert_eq!(a.d.features() & abi::VRDMA_F_HDR_SGE, 0);
+    let w = hdr_sge_write(2, &b, 0, a.mr.sge(0, 64));
+    let ok = SendWqe { wr_id: 98, ..w };
+    expect_bad_send(
+        &mut a,
+        &mut b,
+        "not negotiated",
+        w,
+        ok,
+        bad_wqe.0,
+        bad_wqe.1,
+    );
+    // Without the feature a QP of one SGE keeps room for it after the header: a 128-byte
+    // slot, which holds four.
+    let q = a.d.create_qp(a.pd, &one_sge(&a.cq)).unwrap();
+    assert_eq!((q.sq().stride(), q.caps().max_send_sge), (128, 4));
+    still_works(&mut a, &mut b);
 }

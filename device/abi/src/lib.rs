@@ -41,6 +41,9 @@ pub const VRDMA_F_INTR_MODERATION: u64 = 1 << 3;
 /// CQ notifications go into the CQ-notify bitmap of the doorbell area (plus an interrupt)
 /// instead of `EV_CQ_COMP` events on the event queue.
 pub const VRDMA_F_CQ_NOTIFY: u64 = 1 << 4;
+/// An RC WQE with one SGE may carry it in its header ([`SEND_F_HDR_SGE`]): such a WQE fits a
+/// 64-byte slot.
+pub const VRDMA_F_HDR_SGE: u64 = 1 << 5;
 /// Virtio 1.0 or later (standard feature bit 32).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -757,8 +760,8 @@ pub struct SendWqe {
     pub compare_add: u64,
     /// Atomic: swap operand.
     pub swap: u64,
-    /// Reserved.
-    pub reserved: u64,
+    /// With [`SEND_F_HDR_SGE`]: the SGE's address. Otherwise reserved (0).
+    pub hdr_sge_addr: u64,
 }
 
 /// Receive WQE header (16 bytes), followed by `num_sge` [`Sge`]s.
@@ -805,6 +808,30 @@ pub const SEND_F_SIGNALED: u8 = 2;
 pub const SEND_F_SOLICITED: u8 = 4;
 /// Data follows the header inline.
 pub const SEND_F_INLINE: u8 = 8;
+/// With [`VRDMA_F_HDR_SGE`], on an RC QP: the WQE's one SGE is in its header (address in
+/// `hdr_sge_addr`, length in `inline_len`, lkey in `ah`: fields an RC WQE without inline data
+/// does not otherwise use), `num_sge` is 1 and nothing follows the header.
+pub const SEND_F_HDR_SGE: u8 = 16;
+
+impl SendWqe {
+    /// The SGE a [`SEND_F_HDR_SGE`] WQE carries in its header.
+    pub fn hdr_sge(&self) -> Sge {
+        Sge {
+            addr: self.hdr_sge_addr,
+            length: self.inline_len,
+            lkey: self.ah,
+        }
+    }
+
+    /// Stores `sge` in the header and sets [`SEND_F_HDR_SGE`] and `num_sge` = 1.
+    pub fn set_hdr_sge(&mut self, sge: Sge) {
+        self.flags |= SEND_F_HDR_SGE;
+        self.num_sge = 1;
+        self.hdr_sge_addr = sge.addr;
+        self.inline_len = sge.length;
+        self.ah = sge.lkey;
+    }
+}
 
 /// Completion queue entry (64 bytes).
 #[repr(C)]

@@ -198,7 +198,9 @@ fuzz_target!(|data: &[u8]| {
                 let b = inp.bytes(64);
                 hdr_bytes[..b.len()].copy_from_slice(b);
                 let mut w = SendWqe::from_slice(&hdr_bytes).copied().unwrap_or_default();
-                let sel = w.reserved;
+                // The header's last field picks fix-ups (low byte) and, for a WQE that carries
+                // its SGE in the header, an offset into the sender's MR (the rest).
+                let sel = w.hdr_sge_addr;
                 let (peer_key, peer_iova) = keys[1 - i];
                 if sel & 1 != 0 {
                     w.rkey = peer_key;
@@ -209,7 +211,13 @@ fuzz_target!(|data: &[u8]| {
                     w.remote_qpn = qpns[1 - i];
                     w.compare_add = QKEY as u64;
                 }
-                w.reserved = 0;
+                w.hdr_sge_addr = if sel & 4 != 0 {
+                    let (key, iova) = keys[i];
+                    w.ah = key;
+                    iova + (sel >> 8) % (MR_LEN + 1)
+                } else {
+                    sel >> 8
+                };
                 let mut slot = w.as_slice().to_vec();
                 let n = inp.u8() % 8;
                 for _ in 0..n {
