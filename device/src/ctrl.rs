@@ -470,7 +470,7 @@ impl State {
         qp.sq.set_cons(&mem, *qp.sq_cons);
         qp.rq.set_cons(&mem, qp.rq_cons);
         // An RC QP can post one SGE in the WQE header (`VRDMA_F_HDR_SGE`) whatever its stride.
-        let hdr_sge = self.core.features & abi::VRDMA_F_HDR_SGE != 0 && c.qp_type == abi::QPT_RC;
+        let hdr_sge = abi::hdr_sge_usable(self.core.features, c.qp_type);
         let resp = abi::RespCreateQp {
             qpn: 0,
             max_send_sge: qp.max_send_sge.max(hdr_sge as u32),

@@ -408,8 +408,7 @@ impl Core {
         // exactly one, not inline.
         let hdr_sge = w.flags & abi::SEND_F_HDR_SGE != 0;
         if hdr_sge
-            && (self.features & abi::VRDMA_F_HDR_SGE == 0
-                || ud
+            && (!abi::hdr_sge_usable(self.features, qp.qp_type)
                 || w.flags & abi::SEND_F_INLINE != 0
                 || w.num_sge != 1)
         {

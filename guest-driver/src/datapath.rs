@@ -28,10 +28,7 @@ const SEND_FLAGS: u8 =
 /// whose send rings no longer fit the caches, the post of a batch of 32 took ~0.5 µs longer
 /// than with one QP, in the stores to the rings' cold lines (64 B write-bw).
 pub fn uses_hdr_sge(features: u64, qp_type: u8, wr: &SendWr<'_>) -> bool {
-    features & abi::VRDMA_F_HDR_SGE != 0
-        && qp_type == abi::QPT_RC
-        && wr.inline.is_none()
-        && wr.sges.len() == 1
+    abi::hdr_sge_usable(features, qp_type) && wr.inline.is_none() && wr.sges.len() == 1
 }
 
 /// The [`SendWqe`] header the driver writes for `wr` on a QP of type `qp_type`.

@@ -868,7 +868,7 @@ impl Driver {
     pub fn create_qp(&self, pd: Pd, attr: &QpInitAttr) -> Result<Qp> {
         // With `VRDMA_F_HDR_SGE` an RC QP's one-SGE WQEs carry the SGE in the header: a QP of
         // at most one SGE needs no room for SGEs after it.
-        let hdr_sge = self.features() & abi::VRDMA_F_HDR_SGE != 0 && attr.qp_type == abi::QPT_RC;
+        let hdr_sge = abi::hdr_sge_usable(self.features(), attr.qp_type);
         let sges_after_header = if hdr_sge && attr.max_send_sge <= 1 {
             0
         } else {

@@ -813,6 +813,12 @@ pub const SEND_F_INLINE: u8 = 8;
 /// does not otherwise use), `num_sge` is 1 and nothing follows the header.
 pub const SEND_F_HDR_SGE: u8 = 16;
 
+/// Whether a QP of `qp_type` may post [`SEND_F_HDR_SGE`] WQEs under the negotiated `features`:
+/// [`VRDMA_F_HDR_SGE`] and an RC QP.
+pub fn hdr_sge_usable(features: u64, qp_type: u8) -> bool {
+    features & VRDMA_F_HDR_SGE != 0 && qp_type == QPT_RC
+}
+
 impl SendWqe {
     /// The SGE a [`SEND_F_HDR_SGE`] WQE carries in its header.
     pub fn hdr_sge(&self) -> Sge {
